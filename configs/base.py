@@ -39,6 +39,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.sigma_bar = 0.5           # fixed posterior std (SimFlow: 0.5)
   v.dtype = "float32"
 
+  # ---- PatchGAN discriminator (used when loss.w_gan > 0) ----------------------------
+  c.disc = dc = ml_collections.ConfigDict()
+  dc.ch = 64
+  dc.n_layers = 3
+
   # ---- flow (DESIGN.md section 4) ------------------------------------------------
   c.flow = f = ml_collections.ConfigDict()
   f.patch_size = 1
