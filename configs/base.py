@@ -76,7 +76,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.repa = r = ml_collections.ConfigDict()
   r.enabled = False
   r.encoder = "dinov2_b14"    # dinov2_s14 | dinov2_b14 | dinov2_l14 | tiny (random, for tests)
-  r.weights = ""              # converted .npz/.msgpack from scripts/convert_dinov2.py
+  r.weights = ""              # converted .msgpack from scripts/convert_dinov2.py ("" ok only for 'tiny')
+  r.interpolate_offset = 0.1  # pos-embed resize rule: 0.1 = torch-hub DINOv2 (REPA-E), 0.0 = HF
   r.block = -1                # flow block index (negative = from the end)
   r.layer = 3                 # layer inside that block whose output is aligned ("Align3")
   r.proj_hidden = 2048
@@ -115,6 +116,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.data = -1                 # -1 = all remaining devices
   m.fsdp = 1
   m.fsdp_min_size = 2 ** 18   # parameters with fewer elements stay replicated
+  m.fsdp_regex = ".*"         # only parameter paths matching this are split over 'fsdp'
 
   # ---- sampling (DESIGN.md section 7); SimFlow's CFG rule is OPEN -----------------
   c.sample = s = ml_collections.ConfigDict()

@@ -126,7 +126,6 @@ def test_resize_matches_torch_fidelity(in_size):
 @pytest.mark.torch
 def test_port_matches_torch_fidelity_with_random_weights(tmp_path):
   torch = pytest.importorskip("torch")
-  import flax.serialization  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)  # NCHW, like the ref
   calibration = rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
@@ -153,8 +152,7 @@ def test_port_matches_torch_fidelity_with_random_weights(tmp_path):
   torch.save(reference.state_dict(), pth)
   out_path = tmp_path / "random_inception.msgpack"
   converter.convert_file(str(pth), str(out_path))
-  params = inception.load_inception_params(str(out_path))
-  assert flax.serialization.to_state_dict(params).keys() >= {"Mixed_6d", "fc"}
+  params = inception.load_inception_params(str(out_path))  # checks names and shapes
 
   feature_fn = inception.make_feature_fn(params, batch_size=2)
   got = feature_fn(images.transpose(0, 2, 3, 1))  # NHWC uint8 -> float [0, 255] inside

@@ -39,18 +39,39 @@ def test_paper_preset_shapes_eval_shape_only():
   assert post.mu.shape == latents.shape == (1, 16, 16, 64) and post.logvar is None
   assert recon.shape == (1, 256, 256, 3)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  assert 50e6 < n_params < 150e6, n_params  # LDM's f16 autoencoders: ~80M parameters
+  assert 60e6 < n_params < 70e6, n_params  # 64.7M: encoder 26.3M, decoder 38.4M
+
+
+def _draws(mu, logvar, sigma_bar, n=20000):
+  """n posterior draws in one call: the posterior broadcast to (n, *mu.shape)."""
+  tile = lambda a: None if a is None else jnp.broadcast_to(a, (n, *a.shape))
+  return sample_latents(Posterior(tile(mu), tile(logvar)), jax.random.key(3), sigma_bar)
 
 
 def test_fixed_posterior_latent_statistics():
   mu = jax.random.normal(KEY, (2, 4, 4, 4)) * 3.0
-  draws = jax.vmap(lambda k: sample_latents(Posterior(mu, None), k, 0.5))(
-      jax.random.split(jax.random.key(3), 20000))  # (N, 2, 4, 4, 4)
+  draws = _draws(mu, None, 0.5)  # (N, 2, 4, 4, 4)
   # Per element: standard errors 0.5/sqrt(N) = 0.0035 (mean), ~0.0025 (std); 6 sigma tolerance.
   np.testing.assert_allclose(draws.mean(0), mu, atol=0.021)
   np.testing.assert_allclose(draws.std(0), 0.5, atol=0.015)
   # Pooled over all 2.56M draws the standard error of the std is ~0.0002.
   assert abs(float(jnp.std((draws - mu) / 0.5)) - 1.0) < 2e-3
+
+
+def test_learned_posterior_std():
+  mu = jax.random.normal(KEY, (2, 4, 4, 4))
+  logvar = jax.random.uniform(jax.random.key(1), mu.shape, minval=-6.0, maxval=2.0)
+  std = jnp.exp(0.5 * logvar)
+  draws = _draws(mu, logvar, 0.5)  # sigma_bar is ignored when logvar is given
+  # Relative standard errors: 1/sqrt(N) = 0.007 (mean / std), 1/sqrt(2N) = 0.005 (std).
+  np.testing.assert_allclose(draws.std(0) / std, 1.0, atol=0.03)
+  np.testing.assert_allclose((draws.mean(0) - mu) / std, 0.0, atol=0.045)
+  # The model in learned mode predicts both (encoder width 2 * z_channels).
+  vae = VAE(**PRESETS["f2d4"], out_channels=1, posterior="learned")
+  post, variables = jax.eval_shape(
+      lambda x: vae.init_with_output(KEY, x, method=VAE.encode), jnp.zeros((2, 8, 8, 1)))
+  assert post.mu.shape == post.logvar.shape == (2, 4, 4, 4)
+  assert variables["params"]["encoder"]["conv_out"]["kernel"].shape[-1] == 8
 
 
 def test_sampling_is_differentiable_in_mu():
@@ -65,18 +86,6 @@ def tiny():
   yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, 8), jnp.linspace(-1, 1, 8), indexing="ij")
   images = jnp.stack([jnp.sin(3 * xx), jnp.cos(2 * yy), xx * yy, xx])[..., None]  # (4, 8, 8, 1)
   return vae, jax.jit(vae.init)(KEY, images, KEY)["params"], images
-
-
-def test_learned_posterior_std(tiny):
-  _, _, images = tiny
-  vae = VAE(**PRESETS["f2d4"], out_channels=1, posterior="learned")
-  post = jax.jit(lambda x: vae.init_with_output(KEY, x, method=VAE.encode)[0])(images)
-  assert post.logvar.shape == post.mu.shape == (4, 4, 4, 4)
-  assert float(jnp.std(post.logvar)) > 0.05  # not a constant, so the check below is meaningful
-  std = jnp.exp(0.5 * post.logvar)
-  draws = jax.vmap(lambda k: sample_latents(post, k, 0.5))(jax.random.split(KEY, 20000))
-  np.testing.assert_allclose(draws.std(0) / std, 1.0, atol=0.03)
-  np.testing.assert_allclose((draws.mean(0) - post.mu) / std, 0.0, atol=0.05)
 
 
 def test_fixed_ln_mu_is_normalised_over_channels(tiny):
@@ -139,4 +148,4 @@ def test_a_few_steps_reduce_reconstruction_l1(tiny):
   for rng in jax.random.split(jax.random.key(4), 60):
     params, opt_state, loss = step(params, opt_state, rng)
     losses.append(float(loss))
-  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5]), losses  # measured: 0.55 -> 0.05

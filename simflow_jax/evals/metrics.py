@@ -7,8 +7,9 @@ One job: the sample-quality numbers of DESIGN.md section 8, computed from the fe
 the blocked k-NN distances of precision/recall (on an accelerator when there is one).
 
 - FID / sFID: ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2)
-  taken as sum_i sqrt(lambda_i) over the eigenvalues of S1 @ S2 (real and >= 0 in exact
-  arithmetic; the real part is kept and negatives are clipped to 0). It equals the
+  taken as sum_i sqrt(lambda_i) over the eigenvalues of S1 @ S2 (>= 0 in exact arithmetic;
+  negatives from rounding are clipped to 0). The eigenvalues come from the similar
+  symmetric matrix A^T S2 A, S1 = A A^T, so they are real by construction. It equals the
   scipy.linalg.sqrtm form of ADM / pytorch-fid and takes seconds, not minutes, at 2048-d.
   Statistics: mean and unbiased covariance (np.cov) in float64. sFID is the same distance
   on the 'spatial' features.
@@ -62,8 +63,13 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     raise ValueError(f"mismatched statistics: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
                      f"mu2 {mu2.shape}, sigma2 {sigma2.shape} (were they taken from the "
                      "same feature layer?)")
-  eigenvalues = np.linalg.eigvals(sigma1 @ sigma2)
-  trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0.0, None)).sum()
+  # sigma1 = A A^T with A = V sqrt(W) (eigh); sigma1 sigma2 = A (A^T sigma2) has the
+  # eigenvalues of the symmetric PSD A^T sigma2 A, so eigvalsh gives them real, and ~5x
+  # faster than the nonsymmetric np.linalg.eigvals(sigma1 @ sigma2).
+  w, v = np.linalg.eigh(sigma1)
+  a = v * np.sqrt(np.clip(w, 0.0, None))  # (D, D)
+  eigenvalues = np.linalg.eigvalsh(a.T @ sigma2 @ a)
+  trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()  # rounding can make some < 0
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 

@@ -34,6 +34,7 @@ Public API:
   to_inception_range(images)       [-1, 1] images -> [0, 255], rounded like a uint8 export.
   FEATURE_KEYS, WEIGHTS_FILENAME, WEIGHTS_URLS, BN_EPS
 """
+import functools
 import os
 from typing import Callable
 
@@ -134,7 +135,7 @@ class InceptionA(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     branch1x1 = conv(64, 1, name="branch1x1")(x)
     branch5x5 = conv(48, 1, name="branch5x5_1")(x)
     branch5x5 = conv(64, 5, padding=2, name="branch5x5_2")(branch5x5)
@@ -151,7 +152,7 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     branch3x3 = conv(384, 3, strides=2, name="branch3x3")(x)
     branch3x3dbl = conv(64, 1, name="branch3x3dbl_1")(x)
     branch3x3dbl = conv(96, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl)
@@ -168,7 +169,7 @@ class InceptionC(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     c7 = self.channels_7x7
     branch1x1 = conv(192, 1, name="branch1x1")(x)
     branch7x7 = conv(c7, 1, name="branch7x7_1")(x)
@@ -190,7 +191,7 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     branch3x3 = conv(192, 1, name="branch3x3_1")(x)
     branch3x3 = conv(320, 3, strides=2, name="branch3x3_2")(branch3x3)
     branch7x7x3 = conv(192, 1, name="branch7x7x3_1")(x)
@@ -209,7 +210,7 @@ class InceptionE(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     branch1x1 = conv(320, 1, name="branch1x1")(x)
     branch3x3 = conv(384, 1, name="branch3x3_1")(x)
     branch3x3 = jnp.concatenate([
@@ -264,7 +265,7 @@ class InceptionV3(nn.Module):
     x = resize_bilinear_tf1(x, (INPUT_SIZE, INPUT_SIZE))  # (B, 299, 299, 3)
     x = (x - 128.0) / 128.0
 
-    conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
+    conv = functools.partial(BasicConv2d, precision=self.precision)
     x = conv(32, 3, strides=2, name="Conv2d_1a_3x3")(x)  # (B, 149, 149, 32)
     x = conv(32, 3, name="Conv2d_2a_3x3")(x)  # (B, 147, 147, 32)
     x = conv(64, 3, padding=1, name="Conv2d_2b_3x3")(x)  # (B, 147, 147, 64)
@@ -303,6 +304,7 @@ def _missing_weights_message(path: str) -> str:
       "at run time.")
 
 
+@functools.lru_cache(maxsize=1)
 def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
   shapes = jax.eval_shape(InceptionV3().init, jax.random.key(0),
                           jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))

@@ -1,0 +1,143 @@
+"""Checkpoints with orbax: train state + data-iterator position + run metadata.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Saves are atomic (orbax
+writes to a temporary directory and renames), optionally asynchronous, and the
+last `train.keep_ckpts` are kept. `meta` records the step and a fingerprint of the
+model-shaping config, so resuming with an incompatible config is a clear error
+instead of a shape crash or, worse, a silent fresh start.
+
+Public API:
+  Checkpointer(workdir, config)
+    .latest_step() -> int | None
+    .save(step, state, data_iterator, force=False)   (data_iterator may be None)
+    .restore(abstract_state, data_iterator, step=None) -> state   (shardings from abstract)
+    .wait() / .close()
+  load_params(workdir, config, use_ema=True) -> {'vae', 'flow', ...}   for sampling/eval
+  CheckpointError                                 the clear error
+"""
+import hashlib
+import json
+from typing import Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from simflow_jax.models import build
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+# Fields that change parameter shapes or the meaning of the state.
+_SHAPING = ("data.image_size", "data.channels", "data.num_classes", "vae", "flow", "disc",
+            "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan", "train.variant")
+
+
+def fingerprint(config) -> dict:
+  out = {}
+  for key in _SHAPING:
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    out[key] = node.to_dict() if hasattr(node, "to_dict") else node
+  return json.loads(json.dumps(out, default=list, sort_keys=True))
+
+
+def _digest(fp: dict) -> str:
+  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, config, *, read_only: bool = False):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self.config = config
+    t = config.train
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=t.keep_ckpts, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=t.async_ckpt)
+    items = ("state", "data", "meta")
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, item_names=items, item_handlers=handlers,
+                                         options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+    fp = fingerprint(self.config)
+    args = {"state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({"step": int(step), "fingerprint": fp, "digest": _digest(fp)})}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+  def _check_meta(self, step: int) -> None:
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+      raise CheckpointError(
+          f"Checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e}). "
+          "It may be partial or corrupt: move that step directory away to resume from an earlier "
+          "step, or use a fresh --workdir.") from e
+    fp = fingerprint(self.config)
+    if meta.get("digest") != _digest(fp):
+      diffs = [k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k]]
+      raise CheckpointError(
+          f"Checkpoint {self.directory / str(step)} was written with a different model config "
+          f"(differs in: {', '.join(diffs) or 'unknown fields'}). Resume with the config it was "
+          "trained with, or use a fresh --workdir.")
+
+  def restore(self, abstract_state, data_iterator=None, step: Optional[int] = None):
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint found in {self.directory}.")
+    self._check_meta(step)
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"Could not restore checkpoint {self.directory / str(step)} "
+          f"({type(e).__name__}: {e}). It is corrupt or from an incompatible version: move it away "
+          "to resume from an earlier step, or use a fresh --workdir.") from e
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def load_params(workdir: str, config, use_ema: bool = True) -> dict:
+  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint, on the host
+  (EMA by default). Clear errors when there is none."""
+  path = epath.Path(workdir) / "checkpoints"
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoints in {path}: train first with "
+                            f"`python main.py --config=... --workdir={workdir}`, or pass the "
+                            "--workdir of a finished run.")
+  ckpt = Checkpointer(workdir, config, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{path} holds no finished checkpoint.")
+  ckpt._check_meta(step)
+  try:
+    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"Could not read checkpoint {path / str(step)}: {e}") from e
+  ckpt.close()
+  tree = raw["ema"] if use_ema else {k: v for k, v in raw["params"].items() if k != "disc"}
+  models = build.build_models(config)
+  expected = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
+  expected = {k: v for k, v in expected.items() if k in tree}
+  if jax.tree.structure(expected) != jax.tree.structure(tree):
+    raise CheckpointError(f"Checkpoint {path / str(step)} does not match the config's models.")
+  return jax.tree.map(jax.numpy.asarray, tree)
+

@@ -1,0 +1,129 @@
+"""Builds every model of a run from the config, and checks the config's values.
+
+Public API:
+  validate_config(config)            -> None; ValueError naming the field and the fix
+  build_models(config) -> Models     VAE, flow, PatchGAN (if used), REPA projector (if used)
+  init_params(models, rng)           -> {'vae', 'flow'[, 'disc'][, 'repa_proj']}
+  Models.to_tokens(latents) / Models.to_latents(tokens)
+`jax.eval_shape(lambda r: init_params(models, r), rng)` gives the abstract tree with
+no allocation (paper scale on a laptop).
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from simflow_jax.models import discriminator, flow as flow_lib, repa, vae as vae_lib
+
+VARIANTS = ("end_to_end", "frozen_vae", "frozen_encoder", "learned_variance", "noise_augmented")
+# The dimensions of the DINOv2 presets' tokens (pretrained/dinov2.py); models/ does not import it.
+REPA_DIMS = {"dinov2_s14": 384, "dinov2_b14": 768, "dinov2_l14": 1024, "tiny": 64}
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"config.{name}={value!r} is not one of {tuple(allowed)}.")
+
+
+def validate_config(config) -> None:
+  """Checks values a user can get wrong; errors say which field and what to set."""
+  d, v, f, t, l, s = config.data, config.vae, config.flow, config.train, config.loss, config.sample
+  _choice("train.variant", t.variant, VARIANTS)
+  _choice("vae.posterior", v.posterior, vae_lib.POSTERIORS)
+  _choice("data.source", d.source, ("mnist5k", "imagefolder", "tfds", "synthetic"))
+  if t.variant in ("learned_variance", "noise_augmented") and v.posterior != "learned":
+    raise ValueError(f"train.variant={t.variant!r} needs vae.posterior='learned' "
+                     f"(got {v.posterior!r}).")
+  if t.variant in ("frozen_vae", "frozen_encoder") and not t.vae_checkpoint:
+    raise ValueError(f"train.variant={t.variant!r} freezes a pretrained VAE: set "
+                     "--config.train.vae_checkpoint=WORKDIR_OF_A_VAE_RUN.")
+  if v.sigma_bar <= 0:
+    raise ValueError(f"config.vae.sigma_bar must be > 0, got {v.sigma_bar}.")
+  f_down = 2 ** (len(v.ch_mult) - 1)
+  if d.image_size % (f_down * f.patch_size):
+    raise ValueError(f"data.image_size={d.image_size} must be divisible by the VAE factor {f_down} "
+                     f"times flow.patch_size={f.patch_size}.")
+  if d.num_classes < 1:
+    raise ValueError(f"config.data.num_classes must be >= 1, got {d.num_classes}.")
+  if not 0.0 <= l.label_dropout <= 1.0:
+    raise ValueError(f"config.loss.label_dropout must be in [0, 1], got {l.label_dropout}.")
+  for name in ("w_l1", "w_lpips", "w_kl", "w_gan", "w_nf"):
+    if l[name] < 0:
+      raise ValueError(f"config.loss.{name} must be >= 0, got {l[name]}.")
+  if not f.layers or any(n < 1 for n in f.layers):
+    raise ValueError(f"config.flow.layers must be a non-empty list of positive layer counts, got {f.layers}.")
+  if d.batch_size < 1 or t.num_steps < 0:
+    raise ValueError("config.data.batch_size must be >= 1 and config.train.num_steps >= 0.")
+  _choice("optim.schedule", config.optim.schedule, ("cosine", "constant"))
+  _choice("sample.guidance_rule", s.guidance_rule, ("linear", "linear_shift", "gaussian"))
+  _choice("sample.guidance_schedule", s.guidance_schedule, ("constant", "anneal"))
+  _choice("sample.guidance_blocks", s.guidance_blocks, ("all", "deep"))
+  if s.guidance < 0:
+    raise ValueError(f"config.sample.guidance must be >= 0 (0 = no guidance), got {s.guidance}.")
+  if s.temperature <= 0:
+    raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
+  if config.repa.enabled:
+    _choice("repa.encoder", config.repa.encoder, tuple(REPA_DIMS))
+    n = len(f.layers)
+    k = config.repa.block % n
+    if not 1 <= config.repa.layer <= f.layers[k]:
+      raise ValueError(f"config.repa.layer={config.repa.layer} is not a layer of flow block {k} "
+                       f"(it has {f.layers[k]} layers).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  vae: vae_lib.VAE
+  flow: flow_lib.Flow
+  disc: Optional[discriminator.PatchDiscriminator]
+  projector: Optional[repa.Projector]
+  image_size: int
+  channels: int
+  num_classes: int
+  latent_hw: tuple[int, int]
+  latent_channels: int
+  patch_size: int
+
+  @property
+  def token_shape(self) -> tuple[int, int]:
+    return self.flow.seq_len, self.flow.token_dim
+
+  def to_tokens(self, latents):
+    """(B, h, w, c) -> (B, T, p*p*c)."""
+    return flow_lib.patchify(latents, self.patch_size)
+
+  def to_latents(self, tokens):
+    """(B, T, p*p*c) -> (B, h, w, c)."""
+    return flow_lib.unpatchify(tokens, self.patch_size, *self.latent_hw)
+
+
+def build_models(config) -> Models:
+  validate_config(config)
+  d = config.data
+  vae = vae_lib.VAE.from_config(config.vae, d.channels)
+  f = vae.downsample_factor
+  latent_hw = (d.image_size // f, d.image_size // f)
+  flow = flow_lib.Flow.from_config(config.flow, latent_hw, config.vae.z_channels, d.num_classes)
+  disc = discriminator.PatchDiscriminator.from_config(config.disc) if config.loss.w_gan > 0 else None
+  projector = None
+  if config.repa.enabled:
+    projector = repa.Projector(hidden=config.repa.proj_hidden, out_dim=REPA_DIMS[config.repa.encoder])
+  return Models(vae=vae, flow=flow, disc=disc, projector=projector, image_size=d.image_size,
+                channels=d.channels, num_classes=d.num_classes, latent_hw=latent_hw,
+                latent_channels=config.vae.z_channels, patch_size=config.flow.patch_size)
+
+
+def init_params(models: Models, rng) -> dict:
+  """Fresh parameters for every trainable model."""
+  k_vae, k_flow, k_disc, k_proj, k_eps = jax.random.split(rng, 5)
+  images = jnp.zeros((1, models.image_size, models.image_size, models.channels), jnp.float32)
+  params = {"vae": models.vae.init(k_vae, images, k_eps)["params"]}
+  tokens = jnp.zeros((1, *models.token_shape), jnp.float32)
+  params["flow"] = models.flow.init(k_flow, tokens, jnp.zeros((1,), jnp.int32))["params"]
+  if models.disc is not None:
+    params["disc"] = models.disc.init(k_disc, images)["params"]
+  if models.projector is not None:
+    params["repa_proj"] = models.projector.init(
+        k_proj, jnp.zeros((1, 1, models.flow.width), jnp.float32))["params"]
+  return params

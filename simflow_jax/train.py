@@ -1,0 +1,188 @@
+"""The training loop: mesh, sharded init, jitted step, checkpoints, logging, sample grids.
+
+`train_and_evaluate(config, workdir)` is the whole job of `main.py --mode=train`:
+  1. validate the config, save it resolved to WORKDIR/config.json;
+  2. build the mesh and the models; create the train state already sharded
+     (eval_shape -> shardings -> jit(init, out_shardings)), or restore the latest
+     checkpoint in WORKDIR (state, EMA, optimiser, step and data position), so a
+     preempted run continues exactly where it stopped;
+  3. run the jitted, state-donating train step; metrics stay on device and are
+     summed there, fetched only every `train.log_every` steps (JSONL + TensorBoard +
+     console with steps/s and ETA);
+  4. save every `train.ckpt_every` steps and at the end (never a non-finite state;
+     a NaN/inf loss stops the run with its step, the last good checkpoint kept);
+  5. write a class-conditional sample grid every `train.sample_every` steps and at the end.
+Returns the last logged metrics (a dict of floats).
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from simflow_jax import checkpoint, metric_writers, optim, sample, sharding, train_step
+from simflow_jax.data import pipeline
+from simflow_jax.evals import robustness
+from simflow_jax.models import build
+from simflow_jax.pretrained import dinov2, lpips
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def load_frozen_networks(config, mesh) -> dict:
+  """LPIPS and REPA encoder parameters (replicated); clear errors when files are missing."""
+  frozen = {}
+  if config.loss.w_lpips > 0:
+    frozen["lpips"] = lpips.load_lpips_params(config.loss.lpips_weights)
+  if config.repa.enabled:
+    r = config.repa
+    if r.encoder == "tiny" and not r.weights:
+      frozen["repa_encoder"] = dinov2.init_random_dinov2_params(jax.random.key(config.seed), "tiny")
+    else:
+      frozen["repa_encoder"] = dinov2.load_dinov2_params(r.weights, r.encoder)
+  return jax.device_put(frozen, sharding.replicated(mesh))
+
+
+def _grid_labels(config) -> np.ndarray:
+  classes = list(config.train.grid_classes) or list(range(min(config.data.num_classes, 10)))
+  return np.repeat(np.asarray(classes, np.int32), config.train.grid_per_class)
+
+
+def write_sample_grid(models, config, params, step, workdir, writer, mesh) -> str:
+  """Samples one row per class with the EMA generator and writes a PNG; returns its path."""
+  labels = _grid_labels(config)
+  fn = sample.make_sample_fn(models, config.sample)
+  images = fn(params, jnp.asarray(labels), jax.random.key(config.seed + 1))
+  images = np.asarray(jax.device_get(images))
+  path = os.path.join(workdir, "samples", f"grid_{step:08d}.png")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    robustness.save_image_grid(images, path, nrow=config.train.grid_per_class)
+    writer.write_images(step, {"samples": ((images + 1) / 2).clip(0, 1)})
+  return path
+
+
+def _save_config(config, workdir) -> None:
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _load_frozen_vae(state, config, models):
+  """frozen_vae / frozen_encoder start from a pretrained VAE (EMA weights of its run)."""
+  src = checkpoint.load_params(config.train.vae_checkpoint, _vae_source_config(config), use_ema=True)
+  vae = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), src["vae"], state.params["vae"])
+  return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": vae})
+
+
+def _vae_source_config(config):
+  """The config of the run that trained the VAE, read from its workdir."""
+  path = epath.Path(config.train.vae_checkpoint) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"train.vae_checkpoint={config.train.vae_checkpoint} has no config.json: "
+                            "point it at the --workdir of a finished simflow-jax run.")
+  import ml_collections  # local: only this path reads another run's config
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  build.validate_config(config)
+  _save_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  models = build.build_models(config)
+  rng = jax.random.key(config.seed)
+  t = config.train
+
+  abstract_params = jax.eval_shape(lambda r: build.init_params(models, r), rng)
+  tx = optim.make_optimizer(config, abstract_params)
+  create = functools.partial(train_step.create_train_state, models, config, tx)
+  abstract_state = jax.eval_shape(create, rng)
+  state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh)
+  frozen = load_frozen_networks(config, mesh)
+
+  data_iter = pipeline.make_train_loader(config.data, config.seed, jax.process_index(),
+                                         jax.process_count())
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  start = ckpt.latest_step()
+  with jax.set_mesh(mesh):
+    if start is None:
+      state = jax.jit(create, out_shardings=state_sh)(rng)
+      if t.variant in ("frozen_vae", "frozen_encoder"):
+        state = _load_frozen_vae(state, config, models)
+      start = 0
+    else:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, state_sh)
+      state = ckpt.restore(abstract, data_iter)
+      logging.info("Resumed from checkpoint at step %d in %s", start, workdir)
+
+    n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in abstract_params.items()}
+    logging.info("Parameters: %s; mesh %s; %d steps, global batch %d", n_params, dict(mesh.shape),
+                 t.num_steps, config.data.batch_size)
+    writer = metric_writers.MetricWriter(workdir, just_logging=jax.process_index() > 0)
+    if start == 0:
+      writer.write_hparams(config)
+
+    step_fn = jax.jit(
+        functools.partial(train_step.train_step, models=models, config=config, tx=tx),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
+    for step in range(start, t.num_steps):
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch, frozen)
+      acc = metrics if acc is None else add(acc, metrics)
+      n_acc += 1
+      done = step + 1
+      if done % t.log_every == 0 or done == t.num_steps:
+        last = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+        if not np.isfinite(last["loss"]):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"Non-finite loss ({last['loss']}) in steps {done - n_acc + 1}..{done}. Training stopped; "
+              f"the last good checkpoint (step {ckpt.latest_step()}) in {workdir} is kept. Lower the "
+              "learning rates or check the data.")
+        now = time.time()
+        rate = (done - step_log) / max(now - t_log, 1e-9)
+        last["steps_per_sec"] = rate
+        last["images_per_sec"] = rate * config.data.batch_size
+        writer.write_scalars(done, last)
+        eta = (t.num_steps - done) / max(rate, 1e-9)
+        logging.info("step %d/%d  loss %.4f  bpd %.4f  l1 %.4f  %.2f steps/s  ETA %.0fs", done,
+                     t.num_steps, last["loss"], last["bits_per_dim"], last.get("recon_l1", float("nan")),
+                     rate, eta)
+        acc, n_acc, t_log, step_log = None, 0, now, done
+      if done % t.ckpt_every == 0 and done != t.num_steps:
+        _save_checked(ckpt, done, state, data_iter, metrics, workdir)
+      if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
+        write_sample_grid(models, config, state.ema, done, workdir, writer, mesh)
+
+    if start < t.num_steps or ckpt.latest_step() != t.num_steps:
+      _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,
+                    workdir, force=True)
+    grid = write_sample_grid(models, config, state.ema, t.num_steps, workdir, writer, mesh)
+    last["grid_path"] = grid
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  logging.info("Done: %d steps; sample grid %s", t.num_steps, grid)
+  return last
+
+
+def _save_checked(ckpt, step, state, data_iter, metrics, workdir, force=False):
+  """Saves only a finite state (one host sync per checkpoint)."""
+  if metrics is not None and not np.isfinite(float(metrics["loss"])):
+    ckpt.wait()
+    raise NonFiniteLossError(f"Non-finite loss at step {step}; not saving it. The last good "
+                             f"checkpoint (step {ckpt.latest_step()}) in {workdir} is kept.")
+  ckpt.save(step, state, data_iter, force=force)

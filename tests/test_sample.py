@@ -1,0 +1,269 @@
+"""Tests of the sampler (sample.py): guidance rules, Jacobi decoding, seeds, .npz export."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import base
+from simflow_jax import sample as S
+from simflow_jax.models import build
+from simflow_jax.models import flow as F
+
+T, D, NCLS = 12, 4, 3
+
+
+def make_flow(layers=(1, 2), cond_blocks="all", seq_len=T):
+  return F.Flow(seq_len=seq_len, token_dim=D, width=32, layers_per_block=layers, head_dim=16,
+                cond="adaln", cond_blocks=cond_blocks, num_classes=NCLS)
+
+
+def perturbed_params(flow, seed=0, std=0.1):
+  """Init, then perturb every parameter so the zero-initialised heads are non-trivial."""
+  x = jnp.zeros((2, flow.seq_len, D))
+  params = flow.init(jax.random.key(seed), x, jnp.zeros((2,), jnp.int32))["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [l + std * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def sample_cfg(**overrides):
+  cfg = base.get_base_config().sample
+  cfg.update(overrides)
+  return cfg
+
+
+def noise(b=2, seq_len=T, seed=0):
+  z = jax.random.normal(jax.random.key(100 + seed), (b, seq_len, D))
+  return z, jnp.arange(b, dtype=jnp.int32) % NCLS
+
+
+def doubled_streams(b=3, d=5, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 2)
+  return jax.random.normal(ks[0], (2 * b, d)) * 0.7, jax.random.normal(ks[1], (2 * b, d))
+
+
+# ---- guidance rules ------------------------------------------------------------------
+def test_guidance_rules_known_answers():
+  a, b = doubled_streams()
+  a_c, a_u = np.split(np.asarray(a, np.float64), 2)
+  b_c, b_u = np.split(np.asarray(b, np.float64), 2)
+  w = 1.7
+  la, lb = S.make_guide("linear", w, "constant", T)(a, b, 0)
+  np.testing.assert_allclose(la, a_c + w * (a_c - a_u), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lb, b_c + w * (b_c - b_u), rtol=1e-6, atol=1e-6)
+  sa, sb = S.make_guide("linear_shift", w, "constant", T)(a, b, 0)
+  np.testing.assert_array_equal(sa, a_c.astype(np.float32))
+  np.testing.assert_allclose(sb, lb, rtol=1e-6)
+  # Gaussian product N(b_c, s_c^2)^(1+w) / N(b_u, s_u^2)^w by precisions, where s_c < s_u ...
+  ga, gb = S.make_guide("gaussian", w, "constant", T)(a, b, 0)
+  var_c, var_u = np.exp(2 * a_c), np.exp(2 * a_u)
+  prec = (1 + w) / var_c - w / var_u
+  mean = ((1 + w) * b_c / var_c - w * b_u / var_u) / prec
+  product = a_c < a_u
+  assert product.any() and (~product).any()
+  np.testing.assert_allclose(np.asarray(ga)[product], -0.5 * np.log(prec)[product], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gb)[product], mean[product], rtol=1e-4, atol=1e-5)
+  # ... and s clipped to 1 where s_c >= s_u: scale of the conditional, linear CFG on the mean.
+  np.testing.assert_allclose(np.asarray(ga)[~product], a_c[~product], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gb)[~product], ((1 + w) * b_c - w * b_u)[~product], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", S.GUIDANCE_RULES)
+@pytest.mark.parametrize("schedule", S.GUIDANCE_SCHEDULES)
+def test_zero_weight_returns_conditional_stream_exactly(rule, schedule):
+  a, b = doubled_streams(seed=3)
+  ga, gb = S.make_guide(rule, 0.0, schedule, T)(a, b, jnp.int32(5))
+  np.testing.assert_array_equal(ga, a[:3])
+  np.testing.assert_array_equal(gb, b[:3])
+
+
+def test_anneal_schedule_values():
+  # a_c = 1, a_u = 0, b_c = 2, b_u = 0: linear guidance gives a = 1 + w_t, b = 2 + 2 w_t.
+  a = jnp.array([[1.0], [0.0]])
+  b = jnp.array([[2.0], [0.0]])
+  w, seq = 2.0, 4
+  anneal = S.make_guide("linear", w, "anneal", seq)
+  const = S.make_guide("linear", w, "constant", seq)
+  for t in range(seq):
+    w_t = w * (t + 1) / seq
+    ga, gb = anneal(a, b, jnp.int32(t))
+    np.testing.assert_allclose(ga, [[1 + w_t]], rtol=1e-6)
+    np.testing.assert_allclose(gb, [[2 + 2 * w_t]], rtol=1e-6)
+    np.testing.assert_allclose(const(a, b, jnp.int32(t))[0], [[1 + w]], rtol=1e-6)
+  np.testing.assert_allclose(anneal(a, b, jnp.int32(seq - 1))[0], [[1 + w]], rtol=1e-6)  # full weight last
+
+
+def test_guide_for_block_selection_and_errors():
+  flow = make_flow(layers=(1, 1, 2))
+  assert all(S.guide_for_block(flow, sample_cfg(guidance=0.0))(k) is None for k in range(3))
+  every = S.guide_for_block(flow, sample_cfg(guidance=1.0))
+  assert all(callable(every(k)) for k in range(3))
+  deep = S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_blocks="deep"))
+  assert [deep(k) is None for k in range(3)] == [True, True, False]
+  # Blocks without class conditioning are never guided.
+  deep_cond = make_flow(layers=(1, 1, 2), cond_blocks="deep")
+  assert [S.guide_for_block(deep_cond, sample_cfg(guidance=1.0))(k) is None for k in range(3)] == [True, True, False]
+  with pytest.raises(ValueError, match="guidance_rule"):
+    S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_rule="cubic"))
+  with pytest.raises(ValueError, match="guidance_blocks"):
+    S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_blocks="shallow"))
+  with pytest.raises(ValueError, match="class-conditional"):
+    S.guide_for_block(flow.clone(cond="none"), sample_cfg(guidance=1.0))
+
+
+# ---- the three inverses agree -----------------------------------------------------------
+@pytest.mark.parametrize("rule,schedule", [(None, "constant"), ("linear", "constant"),
+                                           ("linear_shift", "anneal"), ("gaussian", "constant"),
+                                           ("gaussian", "anneal")])
+def test_cached_dense_and_exact_jacobi_agree(rule, schedule):
+  flow = make_flow()
+  params = perturbed_params(flow)
+  z, y = noise()
+  cfg = sample_cfg(guidance=0.0 if rule is None else 1.5, guidance_rule=rule or "linear",
+                   guidance_schedule=schedule, jacobi_threshold=0.0)
+  guides = S.guide_for_block(flow, cfg)
+  x_cached = F.inverse(flow, params, z, y, "cached", guides)
+  np.testing.assert_allclose(F.inverse(flow, params, z, y, "dense", guides), x_cached, atol=1e-5)
+  for chunk, counts in ((0, [T]), (5, [5, 5, 2])):
+    cfg.jacobi_chunk = chunk
+    x_jac, iters = S.inverse_jacobi(flow, params, z, y, cfg, guides)
+    np.testing.assert_allclose(x_jac, x_cached, atol=1e-4, err_msg=f"chunk={chunk}")
+    np.testing.assert_array_equal(iters, [counts] * flow.num_blocks)
+  # The flow is non-trivial, and guidance changes the result.
+  assert float(jnp.abs(x_cached - z).max()) > 1e-2
+  if rule is not None:
+    unguided = F.inverse(flow, params, z, y, "cached")
+    assert float(jnp.abs(x_cached - unguided).max()) > 1e-3
+
+
+def test_jacobi_iterations_stop_early_and_max_iters_caps():
+  flow = make_flow()
+  params = perturbed_params(flow)
+  z, y = noise()
+  exact = F.inverse(flow, params, z, y)
+  # Too few iterations leave an error; max_iters caps every chunk.
+  x2, iters = S.inverse_jacobi(flow, params, z, y, sample_cfg(jacobi_threshold=0.0, jacobi_max_iters=2))
+  np.testing.assert_array_equal(iters, [[2]] * 2)
+  assert float(jnp.abs(x2 - exact).max()) > 1e-3
+  # Larger than the chunk: capped at the chunk length, which is exact.
+  x_big, iters = S.inverse_jacobi(flow, params, z, y, sample_cfg(jacobi_threshold=0.0, jacobi_max_iters=50,
+                                                                  jacobi_chunk=8))
+  np.testing.assert_array_equal(iters, [[8, 4]] * 2)
+  np.testing.assert_allclose(x_big, exact, atol=1e-4)
+
+
+def test_jacobi_with_threshold_converges_in_fewer_iterations_on_near_identity_flow():
+  seq = 16
+  flow = make_flow(layers=(2, 2), seq_len=seq)
+  params = perturbed_params(flow, std=0.02)
+  z, y = noise(seq_len=seq)
+  exact = F.inverse(flow, params, z, y)
+  assert float(jnp.abs(exact - z).max()) > 1e-3, "flow should not be exactly the identity"
+  x, iters = S.inverse_jacobi(flow, params, z, y, sample_cfg(jacobi_threshold=1e-3))
+  assert iters.shape == (2, 1) and iters.dtype == jnp.int32
+  assert np.all(np.asarray(iters) >= 1) and np.all(np.asarray(iters) < seq), iters
+  np.testing.assert_allclose(x, exact, atol=1e-2)
+
+
+# ---- the sampler ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models():
+  cfg = base.get_base_config()
+  cfg.data.update(image_size=16, channels=1, num_classes=NCLS)
+  cfg.vae.update(ch=8, ch_mult=(1, 2, 2), z_channels=D)  # 16 px -> 4x4x4 latents = 16 tokens
+  cfg.flow.update(width=32, head_dim=16, layers=(1, 1))
+  models = build.build_models(cfg)
+  params = build.init_params(models, jax.random.key(0))
+  params["flow"] = perturbed_params(models.flow, std=0.05)
+  return models, params
+
+
+def test_guidance_zero_is_exactly_unguided(tiny_models):
+  models, params = tiny_models
+  y = jnp.array([0, 2], jnp.int32)
+  rng = jax.random.key(7)
+  tokens, info = S.sample_tokens(models, params["flow"], y, rng, sample_cfg(guidance=0.0))
+  assert info == {}
+  z = jax.random.normal(rng, (2, *models.token_shape))
+  np.testing.assert_array_equal(tokens, F.inverse(models.flow, params["flow"], z, y))
+  # A w = 0 guide through the doubled batch gives the same numbers.
+  guide = S.make_guide("gaussian", 0.0, "constant", models.flow.seq_len)
+  np.testing.assert_allclose(F.inverse(models.flow, params["flow"], z, y, "cached", lambda k: guide),
+                             tokens, atol=1e-5)
+  # Temperature scales the noise.
+  t_half, _ = S.sample_tokens(models, params["flow"], y, rng, sample_cfg(temperature=0.5))
+  np.testing.assert_allclose(t_half, F.inverse(models.flow, params["flow"], 0.5 * z, y), atol=1e-5)
+
+
+def test_sample_images_seeds_decode_and_jacobi(tiny_models):
+  models, params = tiny_models
+  cfg = sample_cfg(guidance=1.0)
+  fn = S.make_sample_fn(models, cfg)
+  y = jnp.array([0, 1, 2], jnp.int32)
+  a = fn(params, y, jax.random.key(1))
+  assert a.shape == (3, 16, 16, 1) and a.dtype == jnp.float32
+  assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+  np.testing.assert_array_equal(fn(params, y, jax.random.key(1)), a)
+  assert float(jnp.abs(fn(params, y, jax.random.key(2)) - a).max()) > 1e-3
+  # The images are the VAE decoding of the sampled tokens.
+  tokens, _ = S.sample_tokens(models, params["flow"], y, jax.random.key(1), cfg)
+  decoded = models.vae.apply({"params": params["vae"]}, models.to_latents(tokens), method=models.vae.decode)
+  np.testing.assert_allclose(a, jnp.clip(decoded, -1, 1), atol=1e-5)
+  # Jacobi sampling reports its iterations and matches the cached sampler when exact.
+  jac_cfg = sample_cfg(guidance=1.0, jacobi=True, jacobi_threshold=0.0, jacobi_chunk=8)
+  jac_tokens, info = S.sample_tokens(models, params["flow"], y, jax.random.key(1), jac_cfg)
+  np.testing.assert_array_equal(info["jacobi_iters"], [[8, 8]] * 2)
+  np.testing.assert_allclose(jac_tokens, tokens, atol=1e-4)
+
+
+def test_bad_class_ids_raise(tiny_models):
+  models, params = tiny_models
+  with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+    S.check_labels(np.array([0, 3, -1, 2]), NCLS)
+  with pytest.raises(ValueError, match="1-D integer"):
+    S.check_labels(np.array([0.0, 1.0]), NCLS)
+  S.check_labels(np.array([0, 1, 2]), NCLS)
+  fn = S.make_sample_fn(models, sample_cfg())
+  with pytest.raises(ValueError, match=r"\[5\]"):
+    fn(params, jnp.array([0, 5], jnp.int32), jax.random.key(0))
+  with pytest.raises(ValueError, match="temperature"):
+    S.make_sample_fn(models, sample_cfg(temperature=0.0))
+
+
+# ---- ADM .npz export ----------------------------------------------------------------
+def test_to_uint8_values():
+  x = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0], np.float32)
+  np.testing.assert_array_equal(S.to_uint8(x), [0, 0, 128, 191, 255, 255])
+  assert S.to_uint8(jnp.asarray(x)).dtype == np.uint8
+
+
+def test_npz_shards_layout_and_merge(tmp_path):
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+  rgb = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  p1, p2, out = str(tmp_path / "s1.npz"), str(tmp_path / "s2.npz"), str(tmp_path / "all.npz")
+  S.write_npz_shard(p1, gray, np.array([0, 1, 2]))
+  S.write_npz_shard(p2, rgb, np.array([7, 8], np.int32))
+  with np.load(p1) as f:
+    assert sorted(f.files) == ["arr_0", "arr_1"]
+    assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (3, 8, 8, 3)
+    for c in range(3):
+      np.testing.assert_array_equal(f["arr_0"][..., c], gray[..., 0])
+    assert np.issubdtype(f["arr_1"].dtype, np.integer)
+    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2])
+  assert S.merge_npz_shards([p1, p2], out) == 5
+  with np.load(out) as f:
+    assert f["arr_0"].shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(f["arr_0"][3:], rgb)
+    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2, 7, 8])
+  assert sorted(os.listdir(tmp_path)) == ["all.npz", "s1.npz", "s2.npz"]  # no temporary files left
+  with pytest.raises(ValueError, match="uint8"):
+    S.write_npz_shard(p1, gray.astype(np.float32), np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="one per image"):
+    S.write_npz_shard(p1, gray, np.array([0, 1]))
+  S.write_npz_shard(str(tmp_path / "small.npz"), rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8), [0])
+  with pytest.raises(ValueError, match="image shapes"):
+    S.merge_npz_shards([p1, str(tmp_path / "small.npz")], out)

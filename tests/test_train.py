@@ -1,0 +1,130 @@
+"""The joint train step and the loop: sharded == single device, exact resume, smoke run, errors."""
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from simflow_jax import checkpoint, optim, sharding, train, train_step
+from simflow_jax.data import pipeline
+from simflow_jax.models import build
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f)}
+
+
+def _one_step(config, devices, state0, batch_np):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  models = build.build_models(config)
+  abstract = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
+  tx = optim.make_optimizer(config, abstract)
+  state_sh = sharding.tree_shardings(jax.eval_shape(lambda: state0), mesh, config.mesh)
+  with jax.set_mesh(mesh):
+    state = jax.device_put(state0, state_sh)
+    batch = sharding.global_batch(batch_np, mesh)
+    fn = jax.jit(functools.partial(train_step.train_step, models=models, config=config, tx=tx),
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+    new_state, metrics = fn(state, batch, {})
+    return jax.device_get(new_state), jax.device_get(metrics)
+
+
+def test_eight_devices_equal_one_device():
+  assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+  config = tiny.get_config()
+  with config.unlocked():
+    config.loss.w_gan = 0.1  # exercise the discriminator update too
+    config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 256  # and FSDP-sharded parameters
+  models = build.build_models(config)
+  abstract = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
+  tx = optim.make_optimizer(config, abstract)
+  state0 = train_step.create_train_state(models, config, tx, jax.random.key(0))
+  batch = next(pipeline.make_train_loader(config.data, 0))
+  s8, m8 = _one_step(config, jax.devices(), state0, batch)
+  with config.unlocked():
+    config.mesh.fsdp = 1
+  s1, m1 = _one_step(config, jax.devices()[:1], state0, batch)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(state0.params))]
+  assert max(moved) > 0, "the step must change parameters"
+
+
+def test_smoke_run_resume_equality_and_grid(tmp_path):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.train.log_every = 1
+  full = str(tmp_path / "full")
+  out = train.train_and_evaluate(config, full)
+  assert os.path.exists(out["grid_path"]) and out["grid_path"].endswith(".png")
+  assert checkpoint.Checkpointer(full, config).latest_step() == 4
+  assert os.path.exists(os.path.join(full, "config.json"))
+  rows_full = _rows(full)
+  assert sorted(rows_full) == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows_full.values())
+
+  # A run "preempted" after step 2: only the step-2 checkpoint survives.
+  resumed = str(tmp_path / "resumed")
+  os.makedirs(os.path.join(resumed, "checkpoints"))
+  shutil.copytree(os.path.join(full, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2"))
+  train.train_and_evaluate(config, resumed)
+  rows_res = _rows(resumed)
+  assert sorted(rows_res) == [3, 4], "resume must continue after step 2"
+  for step in (3, 4):
+    for key in ("loss", "loss_nf", "loss_l1", "bits_per_dim", "grad_norm_flow"):
+      assert rows_res[step][key] == rows_full[step][key], (step, key)
+
+  # Sampling parameters load from the finished run (EMA by default).
+  params = checkpoint.load_params(full, config)
+  assert set(params) == {"vae", "flow"}
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+  config = tiny.get_config()
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  with config.unlocked():
+    config.flow.width = 48
+  with pytest.raises(checkpoint.CheckpointError, match="different model config.*flow"):
+    train.train_and_evaluate(config, workdir)
+  # The checkpoint is still there.
+  assert checkpoint.Checkpointer(workdir, tiny.get_config()).latest_step() == 4
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.optim.lr_flow = 1e30  # explodes after the first updates
+    config.optim.lr_vae = 1e30
+    config.optim.warmup_steps = 0
+    config.optim.grad_clip = 0.0
+    config.train.num_steps, config.train.ckpt_every, config.train.log_every = 6, 1, 3
+  with pytest.raises(train.NonFiniteLossError, match="Non-finite loss"):
+    train.train_and_evaluate(config, str(tmp_path / "nan"))
+  step = checkpoint.Checkpointer(str(tmp_path / "nan"), config).latest_step()
+  assert step is not None and step >= 1
+
+
+def test_bad_config_values_are_clear_errors(tmp_path):
+  config = tiny.get_config()
+  with pytest.raises(AttributeError):
+    config.optim.lr = 1.0  # locked: a typo is an error
+  with config.unlocked():
+    config.train.variant = "end2end"
+  with pytest.raises(ValueError, match="train.variant"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = tiny.get_config()
+  with config.unlocked():
+    config.data.source, config.data.path = "imagefolder", str(tmp_path / "missing")
+  with pytest.raises((FileNotFoundError, ValueError), match="missing"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  config = tiny.get_config("frozen_vae")
+  with pytest.raises(ValueError, match="vae_checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
