@@ -31,9 +31,15 @@ MODES = {
 }
 
 
+def _quiet_orbax(record) -> bool:
+  """orbax logs every checkpoint phase at INFO; keep its warnings and errors only."""
+  return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   import jax  # after flag parsing, so XLA_FLAGS from the environment apply
 
   from simflow_jax import sharding
