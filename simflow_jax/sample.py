@@ -108,6 +108,8 @@ def guide_for_block(flow: flow_lib.Flow, sample_cfg) -> Callable[[int], Optional
   weight = float(sample_cfg.guidance)
   if weight < 0:
     raise ValueError(f"sample.guidance must be >= 0 (0 = no guidance), got {weight}.")
+  _check_choice("guidance_rule", sample_cfg.guidance_rule, GUIDANCE_RULES)
+  _check_choice("guidance_schedule", sample_cfg.guidance_schedule, GUIDANCE_SCHEDULES)
   _check_choice("guidance_blocks", sample_cfg.guidance_blocks, GUIDANCE_BLOCKS)
   if weight == 0:
     return lambda k: None
@@ -149,8 +151,10 @@ def invert_block_jacobi(flow: flow_lib.Flow, params, k: int, z_blk, labels, guid
   chunk, per example, then the worst example) is below `threshold`, or after `max_iters`
   iterations (0 = the chunk length). After j iterations the chunk's first j tokens are
   exact, so the chunk-length cap (also applied to larger max_iters) is exact decoding.
+  `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all).
   """
   bsz, t_len, _ = z_blk.shape
+  max_iters = jnp.asarray(max_iters, jnp.int32)
   chunk = t_len if chunk <= 0 else min(int(chunk), t_len)
   num_chunks = -(-t_len // chunk)
   z_blk = z_blk.astype(jnp.float32)
@@ -168,7 +172,7 @@ def invert_block_jacobi(flow: flow_lib.Flow, params, k: int, z_blk, labels, guid
     start = i * chunk
     in_chunk = ((pos >= start) & (pos < start + chunk))[None, :, None]  # (1, T, 1)
     length = jnp.minimum(chunk, t_len - start)
-    limit = length if max_iters <= 0 else jnp.minimum(int(max_iters), length)
+    limit = jnp.where(max_iters > 0, jnp.minimum(max_iters, length), length)
 
     def cond(state):
       _, it, rel = state
@@ -251,8 +255,8 @@ def make_sample_fn(models, sample_cfg):
     raise ValueError(f"sample.temperature must be > 0, got {sample_cfg.temperature}.")
   jitted = jax.jit(functools.partial(sample_images, models, sample_cfg=sample_cfg))
 
-  @functools.wraps(jitted)
   def sample_fn(params, labels, rng):
+    """params {'vae', 'flow'}, labels (B,) int, rng key -> images (B, H, W, C) in [-1, 1]."""
     concrete = not isinstance(labels, jax.core.Tracer)
     if concrete and (not isinstance(labels, jax.Array) or labels.is_fully_addressable):
       check_labels(labels, models.num_classes)
@@ -277,9 +281,11 @@ def write_npz_shard(path: str, images_uint8, labels) -> None:
   images = np.asarray(images_uint8)
   labels = np.asarray(labels)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"images must be uint8 (N, H, W, 1 or 3) (see to_uint8), got {images.dtype} {images.shape}.")
+    raise ValueError(f"images must be uint8 (N, H, W, 1 or 3) (see to_uint8), "
+                     f"got {images.dtype} {images.shape}.")
   if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be {images.shape[0]} integers, one per image, got {labels.dtype} {labels.shape}.")
+    raise ValueError(f"labels must be {images.shape[0]} integers, one per image, "
+                     f"got {labels.dtype} {labels.shape}.")
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)  # (N, H, W, 3)
   folder = os.path.dirname(os.path.abspath(path))
@@ -297,16 +303,24 @@ def write_npz_shard(path: str, images_uint8, labels) -> None:
 
 def merge_npz_shards(paths: Sequence[str], out: str) -> int:
   """Concatenates shards written by write_npz_shard, in the given order, into `out`
-  (atomically); returns the number of images."""
+  (atomically); returns the number of images. Holds the merged array plus one shard."""
   if not paths:
     raise ValueError("merge_npz_shards needs at least one shard path.")
-  images, labels = [], []
+  labels = []
+  for p in paths:
+    with np.load(p) as shard:  # reads only the labels member
+      labels.append(shard["arr_1"])
+  labels = np.concatenate(labels)
+  images, offset = None, 0
   for p in paths:
     with np.load(p) as shard:
-      images.append(shard["arr_0"])
-      labels.append(shard["arr_1"])
-  shapes = {im.shape[1:] for im in images}
-  if len(shapes) != 1:
-    raise ValueError(f"shards have different image shapes {sorted(shapes)}; merge shards of one run only.")
-  write_npz_shard(out, np.concatenate(images), np.concatenate(labels))
-  return sum(im.shape[0] for im in images)
+      part = shard["arr_0"]
+    if images is None:
+      images = np.empty((labels.shape[0], *part.shape[1:]), part.dtype)  # (N, H, W, 3)
+    if part.shape[1:] != images.shape[1:]:
+      raise ValueError(f"shard {p} has images of shape {part.shape[1:]}, not {images.shape[1:]}; "
+                       "merge shards of one run only.")
+    images[offset:offset + part.shape[0]] = part
+    offset += part.shape[0]
+  write_npz_shard(out, images, labels)
+  return offset

@@ -17,8 +17,8 @@ Public API:
 Degenerate channels: if every map of a channel is spatially constant, the
 channel has no non-DC power and the two spectral statistics are undefined (NaN);
 if the whole channel is one constant, its std is 0, the autocorrelation is
-undefined (NaN) and the total variation is 0 (there is no variation). The channel average skips NaN channels; if every channel is NaN
-the result is NaN.
+undefined (NaN) and the total variation is 0 (there is no variation). The
+channel average skips NaN channels; if every channel is NaN the result is NaN.
 """
 import numpy as np
 

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmark scripts: named configs, the matmul peak, host facts, JSON out.
+
+The scripts run as files (`python benchmarks/NAME.py`), so benchmarks/ is on sys.path
+and they `import common`.
+
+Public API:
+  CONFIGS                                   the benchmark config names
+  get_config(name, batch_size=0)            'tiny' | 'demo' | 'mid' -> locked ConfigDict
+  devices(num_devices=0) -> list            the first `num_devices` local devices (0 = all)
+  matmul_peak(devices, size=2048, reps=10, dtype='float32') -> dict
+                                            achieved FLOP/s of a square matmul on every device
+  timed(fn, reps) -> list[float]            seconds per call of fn() (blocked until ready)
+  peak_rss_mb() -> float                    this process's peak resident memory so far
+  machine() -> dict                         platform, devices, CPU count, load, versions
+  emit(obj)                                 prints obj as JSON on stdout
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import demo, tiny
+
+CONFIGS = ("tiny", "demo", "mid")
+
+
+def get_config(name: str, batch_size: int = 0):
+  """A benchmark config; batch_size > 0 replaces data.batch_size (the global batch).
+
+  'mid' is the demo on 32 x 32 x 3 synthetic images with an f4 VAE (ch_mult (1, 2, 2),
+  16 latent channels, so 8 x 8 x 16 latents) and a flow of width 256, four blocks of
+  two layers, head_dim 64.
+  """
+  if name not in CONFIGS:
+    raise ValueError(f"Unknown benchmark config {name!r}; choose from {CONFIGS}.")
+  c = tiny.get_config() if name == "tiny" else demo.get_config()
+  if name == "mid":
+    c.data.source, c.data.channels = "synthetic", 3
+    c.vae.ch_mult, c.vae.z_channels = (1, 2, 2), 16
+    c.flow.width, c.flow.layers, c.flow.head_dim = 256, (2, 2, 2, 2), 64
+  if batch_size > 0:
+    c.data.batch_size = batch_size
+  return c
+
+
+def devices(num_devices: int = 0) -> list:
+  local = jax.local_devices()
+  if num_devices > len(local):
+    raise ValueError(f"--num_devices={num_devices} but {len(local)} devices are present.")
+  return local[:num_devices or len(local)]
+
+
+def timed(fn, reps: int) -> list:
+  """Wall seconds of `reps` calls of fn(), each blocked until its outputs are ready."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def matmul_peak(devs, size: int = 2048, reps: int = 10, dtype: str = "float32") -> dict:
+  """FLOP/s of one (size x size) @ (size x size) matmul per device, all devices at once.
+
+  This is the machine's achievable dense-matmul rate for the same devices a train step
+  uses, measured in the calling process (same threads, same moment). Rates use the
+  median call (robust to other load on a shared machine); the best call is reported too.
+  """
+  n = len(devs)
+  mesh = Mesh(np.asarray(devs), ("d",))
+  sh = NamedSharding(mesh, P("d"))
+  k1, k2 = jax.random.split(jax.random.key(0))
+  make = jax.jit(lambda k: jax.random.normal(k, (n, size, size), dtype), out_shardings=sh)
+  x, y = make(k1), make(k2)
+  matmul = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), out_shardings=sh)
+  jax.block_until_ready(matmul(x, y))  # compile and warm up
+  times = timed(lambda: matmul(x, y), reps)
+  flops = 2.0 * n * size ** 3
+  return {"size": size, "dtype": dtype, "devices": n, "reps": reps, "flops_per_call": flops,
+          "flops_per_s": flops / statistics.median(times), "flops_per_s_best": flops / min(times)}
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def machine() -> dict:
+  d = jax.devices()
+  return {"platform": d[0].platform, "device_kind": d[0].device_kind, "device_count": len(d),
+          "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+          "python": platform.python_version(), "jax": jax.__version__,
+          "processor": platform.processor() or platform.machine()}
+
+
+def emit(obj) -> None:
+  print(json.dumps(obj, indent=2, sort_keys=True), flush=True)

@@ -1,0 +1,415 @@
+"""Prices a run before it starts: parameters, FLOPs, per-device memory, compile time, cost.
+
+  python main.py --config=configs/imagenet256.py --mode=dry_run --workdir=/tmp/price
+  DRY_RUN_DEVICES=64 python main.py --config=configs/imagenet256.py --mode=dry_run
+
+Nothing is trained, no data is read, no weights file is opened and nothing large is
+allocated: the train state, the batch and the frozen networks (LPIPS VGG16, REPA
+encoder) are abstract shapes (jax.ShapeDtypeStruct with shardings), and the real,
+sharded, state-donating train step (the one simflow_jax.train runs) is lowered and
+compiled for them. The result goes to WORKDIR/dry_run.json and is logged as a table:
+
+  params          parameter counts: total, per model ('vae', 'flow', ...) and per
+                  second-level subtree ('vae/encoder', 'flow/block_5', ...).
+  flops           FLOPs of one train step over the global batch, from XLA's cost
+                  analysis of the lowered step. HloCostAnalysis counts a while loop's
+                  body once, so a scanned layer stack (flow.scan_layers) would count
+                  one layer; the count is therefore taken from a copy of the step with
+                  the layers unrolled (same math, same remat recompute).
+  memory          per device, for the mesh of the run: the compiled step's
+                  memory_analysis (arguments + outputs - donated aliases + temporaries)
+                  and, exactly from the shardings, the bytes of params / optimiser
+                  state / EMA each device holds. The compiler is the local one (XLA:CPU
+                  when no accelerator is attached): TPU and GPU compilers fuse and
+                  rematerialise differently, so read the temporaries as an estimate of
+                  the right order, the state bytes as exact.
+  timing_s        trace+lower and compile seconds of the real step on this machine: wall
+                  clock, and CPU seconds of this process ('_cpu': all its threads; on a
+                  machine shared with other jobs the wall clock overstates the cost).
+  estimates       step time, images/s, run time and cost on REFERENCE_CHIPS: the same
+                  number of chips as devices in the mesh, at `mfu` of their bf16 peak.
+
+The mesh: config.mesh over `num_devices` devices. In `run`, the number comes from the
+DRY_RUN_DEVICES environment variable (default: every local device); when it exceeds the
+local device count, the analysis runs in a subprocess with that many simulated CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), so a laptop prices a
+64-chip pod. DRY_RUN_MFU (default 0.4) sets the assumed model FLOP utilisation.
+jax.distributed is never initialised.
+
+Public API:
+  REFERENCE_CHIPS                            {name: Chip(peak_flops, hbm_bytes, usd_per_chip_hour)}
+  StepSpec                                   the jitted step and its abstract arguments
+  abstract_frozen(config) -> dict            ShapeDtypeStructs of the frozen networks' params
+  build_step(config, mesh) -> StepSpec       the train step exactly as train.py builds it
+  step_flops(config, mesh, lowered=None)     FLOPs of one step (global batch), scan-corrected
+  param_counts(params) -> dict[str, int]     'total', top-level and second-level subtree counts
+  analyze(config, num_devices=None, compile=True, mfu=0.4) -> dict
+  run(config, workdir) -> dict               analyze + WORKDIR/dry_run.json + a logged table
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from etils import epath
+
+from simflow_jax import optim, sharding, train_step
+from simflow_jax.models import build
+from simflow_jax.pretrained import dinov2, lpips
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  peak_flops: float        # dense bf16 FLOP/s per chip (vendor data sheet)
+  hbm_bytes: float         # accelerator memory per chip
+  usd_per_chip_hour: float  # ASSUMED on-demand price; edit for your contract
+
+
+# Assumptions, not measurements. Peak: dense (no sparsity) bf16 matmul FLOP/s from the
+# vendors' data sheets. Prices: approximate public on-demand list prices (2025, US
+# regions; GPUs: typical cloud H100 / A100 hourly rates); spot, committed-use and
+# reserved prices are lower. The estimates scale linearly in both.
+REFERENCE_CHIPS = {
+    "tpu_v5p": Chip(459e12, 95 * 2 ** 30, 4.20),
+    "tpu_v5e": Chip(197e12, 16 * 2 ** 30, 1.20),
+    "tpu_v6e": Chip(918e12, 32 * 2 ** 30, 2.70),
+    "h100_sxm": Chip(989e12, 80e9, 3.00),
+    "a100_sxm": Chip(312e12, 80e9, 1.80),
+}
+DEFAULT_MFU = 0.4
+COST_STEPS = 100_000  # estimates.*.usd_per_100k_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The jitted train step of `config` on `mesh`, and abstract arguments for it."""
+  models: build.Models
+  tx: Any
+  fn: Callable                # jit(train_step) with in/out shardings, donates the state
+  create_state: Callable      # jit(rng -> TrainState) with the state's out_shardings
+  state: Any                  # TrainState of ShapeDtypeStructs (with shardings)
+  batch: dict                 # {'image', 'label'} ShapeDtypeStructs, global batch
+  frozen: dict                # frozen networks' params as ShapeDtypeStructs
+  mesh: jax.sharding.Mesh
+
+
+def _with_sharding(tree, shard):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
+
+
+def abstract_frozen(config) -> dict:
+  """The frozen networks' parameters the step needs, as ShapeDtypeStructs (float32).
+
+  The same tree train.load_frozen_networks loads from files, built from the known
+  architectures only: LPIPS VGG16 (loss.w_lpips > 0), the REPA encoder (repa.enabled).
+  """
+  frozen = {}
+  if config.loss.w_lpips > 0:
+    tree = {}
+    for path, shape in lpips.expected_shapes().items():
+      node = tree
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    frozen["lpips"] = tree
+  if config.repa.enabled:
+    encoder = dinov2.make_dinov2(config.repa.encoder)
+    x = jax.ShapeDtypeStruct((1, 14, 14, 3), jnp.float32)
+    frozen["repa_encoder"] = jax.eval_shape(encoder.init, jax.random.key(0), x)["params"]
+  return frozen
+
+
+def build_step(config, mesh) -> StepSpec:
+  """Models, optimiser, state shardings and the jitted step, as simflow_jax.train does."""
+  d = config.data
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.batch_size % n_batch:
+    raise ValueError(f"data.batch_size={d.batch_size} (the global batch) must be divisible by the "
+                     f"{n_batch} devices of the mesh: change --config.data.batch_size or the "
+                     "device count.")
+  models = build.build_models(config)
+  rng = jax.random.key(config.seed)
+  abstract_params = jax.eval_shape(lambda r: build.init_params(models, r), rng)
+  tx = optim.make_optimizer(config, abstract_params)
+  create = functools.partial(train_step.create_train_state, models, config, tx)
+  abstract_state = jax.eval_shape(create, rng)
+  state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((d.batch_size, d.image_size, d.image_size, d.channels),
+                                         jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((d.batch_size,), jnp.int32, sharding=batch_sh)}
+  frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        abstract_frozen(config))
+  fn = jax.jit(functools.partial(train_step.train_step, models=models, config=config, tx=tx),
+               in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+               donate_argnums=0)
+  return StepSpec(models=models, tx=tx, fn=fn,
+                  create_state=jax.jit(create, out_shardings=state_sh),
+                  state=_with_sharding(abstract_state, state_sh), batch=batch, frozen=frozen,
+                  mesh=mesh)
+
+
+def _unrolled(config):
+  """A copy of `config` with the flow's layer stacks unrolled (see the module docstring)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.flow.scan_layers = False
+  return c
+
+
+def _flops(cost) -> float:
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0]
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _scanned(config) -> bool:
+  """True when the step has a scanned layer stack of more than one layer."""
+  return bool(config.flow.scan_layers) and max(config.flow.layers) > 1
+
+
+def step_flops(config, mesh, lowered=None) -> float:
+  """FLOPs of one train step over the global batch (XLA cost analysis, layers unrolled).
+
+  `lowered` (the config's lowered step) is reused when no layer stack is scanned over
+  more than one layer; otherwise a copy of the step with unrolled stacks is lowered.
+  """
+  if lowered is None or _scanned(config):
+    spec = build_step(_unrolled(config), mesh)
+    with jax.set_mesh(mesh):
+      lowered = spec.fn.lower(spec.state, spec.batch, spec.frozen)
+  flops = _flops(lowered.cost_analysis())
+  if flops <= 0:
+    raise RuntimeError("XLA's cost analysis returned no FLOP count for the train step.")
+  return flops
+
+
+def _count(tree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_counts(params: dict) -> dict:
+  """{'total': n, 'vae': n, 'vae/encoder': n, ...} for a (possibly abstract) param tree."""
+  counts = {"total": _count(params)}
+  for name, sub in params.items():
+    counts[name] = _count(sub)
+    if isinstance(sub, dict):
+      for child, leaf in sub.items():
+        counts[f"{name}/{child}"] = _count(leaf)
+  return counts
+
+
+def _device_bytes(tree) -> int:
+  """Bytes of a tree of sharded ShapeDtypeStructs that one device holds."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def _global_bytes(tree) -> int:
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _compiled_memory(compiled) -> Optional[dict]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  m = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in
+       ("argument", "output", "alias", "temp", "generated_code")}
+  m["peak"] = m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+  return m
+
+
+def _estimates(flops: float, num_devices: int, batch_size: int, num_steps: int, mfu: float,
+               peak_bytes: Optional[int]) -> dict:
+  out = {}
+  for name, chip in REFERENCE_CHIPS.items():
+    step_s = flops / (num_devices * chip.peak_flops * mfu)
+    dollars_per_s = num_devices * chip.usd_per_chip_hour / 3600.0
+    out[name] = {
+        "step_time_s": step_s,
+        "images_per_s": batch_size / step_s,
+        "run_hours": step_s * num_steps / 3600.0,
+        "usd_per_100k_steps": step_s * COST_STEPS * dollars_per_s,
+        "usd_per_run": step_s * num_steps * dollars_per_s,
+        "fits_in_hbm": None if peak_bytes is None else bool(peak_bytes <= chip.hbm_bytes),
+    }
+  return out
+
+
+def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # noqa: A002
+            mfu: float = DEFAULT_MFU) -> dict:
+  """Parameter counts, FLOPs, per-device memory, compile time and cost of one train step.
+
+  Args:
+    config: a full simflow-jax config (configs/*.py).
+    num_devices: size of the mesh, taken from the first local devices (default: all).
+      To price more devices than this machine has, use `run` with DRY_RUN_DEVICES=N, or
+      start Python with XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU).
+    compile: also compile the step (memory analysis and compile time); lowering alone
+      gives parameter counts and FLOPs.
+    mfu: the assumed model FLOP utilisation of the reference-chip estimates.
+  Returns:
+    a JSON-serialisable dict (see the module docstring).
+  """
+  available = jax.device_count()
+  n = available if num_devices is None else int(num_devices)
+  if not 1 <= n <= available:
+    raise ValueError(f"num_devices={num_devices} but this process has {available} devices: to "
+                     f"simulate {num_devices} set DRY_RUN_DEVICES={num_devices} for "
+                     "`main.py --mode=dry_run`, or start Python with "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} on CPU.")
+  if not 0 < mfu <= 1:
+    raise ValueError(f"mfu={mfu} must be in (0, 1].")
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:n])
+
+  t0, c0 = time.perf_counter(), time.process_time()
+  spec = build_step(config, mesh)
+  with jax.set_mesh(mesh):
+    lowered = spec.fn.lower(spec.state, spec.batch, spec.frozen)
+  timing = {"trace_and_lower": time.perf_counter() - t0,
+            "trace_and_lower_cpu": time.process_time() - c0}
+  t0 = time.perf_counter()
+  flops = step_flops(config, mesh, lowered)
+  timing["flop_count_lowering"] = time.perf_counter() - t0
+  timing["compile"] = timing["compile_cpu"] = None
+
+  state = spec.state
+  memory = {
+      "state_global_bytes": {"params": _global_bytes(state.params),
+                             "opt_state": _global_bytes(state.opt_state),
+                             "ema": _global_bytes(state.ema)},
+      "state_per_device_bytes": {"params": _device_bytes(state.params),
+                                 "opt_state": _device_bytes(state.opt_state),
+                                 "ema": _device_bytes(state.ema)},
+      "frozen_per_device_bytes": _device_bytes(spec.frozen),
+      "compiled_per_device_bytes": None,
+  }
+  if compile:
+    t0, c0 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    timing["compile"], timing["compile_cpu"] = time.perf_counter() - t0, time.process_time() - c0
+    memory["compiled_per_device_bytes"] = _compiled_memory(compiled)
+  peak = (memory["compiled_per_device_bytes"] or {}).get("peak")
+
+  b = config.data.batch_size
+  return {
+      "config": {"image_size": config.data.image_size, "channels": config.data.channels,
+                 "global_batch": b, "num_steps": config.train.num_steps,
+                 "variant": config.train.variant, "flow_dtype": config.flow.dtype,
+                 "vae_dtype": config.vae.dtype},
+      "mesh": {"devices": n, "shape": dict(mesh.shape), "platform": jax.devices()[0].platform,
+               "per_device_batch": b // n},
+      "params": param_counts(state.params),
+      "frozen_params": {k: _count(v) for k, v in spec.frozen.items()},
+      "flops": {"per_step": flops, "per_example": flops / b, "per_device_per_step": flops / n},
+      "memory": memory,
+      "timing_s": timing,
+      "estimates": {"mfu": mfu, "chips": n,
+                    "per_chip": _estimates(flops, n, b, config.train.num_steps, mfu, peak)},
+  }
+
+
+def _analyze_in_subprocess(config, num_devices: int, mfu: float = DEFAULT_MFU,
+                           compile: bool = True) -> dict:  # noqa: A002
+  """analyze() in a fresh CPU process with `num_devices` simulated devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      flags + [f"--xla_force_host_platform_device_count={num_devices}"]))
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg_path, out_path = os.path.join(tmp, "config.pkl"), os.path.join(tmp, "out.json")
+    with open(cfg_path, "wb") as f:
+      pickle.dump(config, f)
+    proc = subprocess.run([sys.executable, "-m", "simflow_jax.dry_run", cfg_path, out_path,
+                           str(num_devices), str(mfu), str(int(compile))],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"The dry run on {num_devices} simulated CPU devices failed:\n"
+                         f"{proc.stderr[-4000:]}")
+    with open(out_path) as f:
+      return json.load(f)
+
+
+def _gib(x) -> str:
+  """Bytes in the largest binary unit that keeps the number >= 1."""
+  if x is None:
+    return "-"
+  for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if x >= size:
+      return f"{x / size:.2f} {unit}"
+  return f"{x} B"
+
+
+def _log_table(r: dict) -> None:
+  lines = [f"Dry run: {r['mesh']['devices']} x {r['mesh']['platform']} devices, mesh "
+           f"{r['mesh']['shape']}, global batch {r['config']['global_batch']} "
+           f"({r['mesh']['per_device_batch']} per device)"]
+  lines.append("Parameters:")
+  lines += [f"  {k:<24s} {v:>15,d}" for k, v in r["params"].items()]
+  lines += [f"  {'frozen ' + k:<24s} {v:>15,d}" for k, v in r["frozen_params"].items()]
+  f = r["flops"]
+  lines.append(f"FLOPs/step {f['per_step']:.4g} (global batch), {f['per_example']:.4g}/example")
+  m = r["memory"]
+  lines.append("Per device: params " + _gib(m["state_per_device_bytes"]["params"]) +
+               ", optimiser " + _gib(m["state_per_device_bytes"]["opt_state"]) +
+               ", EMA " + _gib(m["state_per_device_bytes"]["ema"]) +
+               ", frozen nets " + _gib(m["frozen_per_device_bytes"]))
+  c = m["compiled_per_device_bytes"]
+  if c:
+    lines.append(f"Compiled step per device: peak {_gib(c['peak'])} "
+                 f"(temporaries {_gib(c['temp'])}, arguments {_gib(c['argument'])}, "
+                 f"donated {_gib(c['alias'])})")
+  t = r["timing_s"]
+  compile_s = ("-" if t["compile"] is None
+               else f"{t['compile']:.1f} s ({t['compile_cpu']:.1f} s CPU)")
+  lines.append(f"Trace+lower {t['trace_and_lower']:.1f} s ({t['trace_and_lower_cpu']:.1f} s CPU), "
+               f"compile {compile_s}, FLOP count lowering {t['flop_count_lowering']:.1f} s")
+  e = r["estimates"]
+  lines.append(f"On {e['chips']} chips at {e['mfu']:.0%} MFU ({r['config']['num_steps']:,d} steps; "
+               "prices are assumptions, see dry_run.REFERENCE_CHIPS):")
+  lines.append(f"  {'chip':<10s} {'step s':>9s} {'img/s':>10s} {'run h':>9s} {'$/100k steps':>13s} "
+               f"{'$/run':>11s} fits")
+  for name, x in e["per_chip"].items():
+    lines.append(f"  {name:<10s} {x['step_time_s']:9.3g} {x['images_per_s']:10.4g} "
+                 f"{x['run_hours']:9.3g} {x['usd_per_100k_steps']:13,.0f} "
+                 f"{x['usd_per_run']:11,.0f} {x['fits_in_hbm']}")
+  for line in lines:
+    logging.info("%s", line)
+
+
+def run(config, workdir: str) -> dict:
+  """`main.py --mode=dry_run`: analyze on DRY_RUN_DEVICES devices, write WORKDIR/dry_run.json."""
+  n = int(os.environ.get("DRY_RUN_DEVICES", "0")) or jax.device_count()
+  mfu = float(os.environ.get("DRY_RUN_MFU", DEFAULT_MFU))
+  if n <= jax.device_count():
+    result = analyze(config, num_devices=n, mfu=mfu)
+  else:
+    logging.info("Simulating %d CPU devices in a subprocess (this process has %d).", n,
+                 jax.device_count())
+    result = _analyze_in_subprocess(config, n, mfu)
+  path = epath.Path(workdir) / "dry_run.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2, sort_keys=True))
+  _log_table(result)
+  logging.info("Wrote %s", path)
+  return result
+
+
+if __name__ == "__main__":
+  # Subprocess entry of _analyze_in_subprocess: CONFIG_PICKLE OUT_JSON NUM_DEVICES MFU COMPILE.
+  _cfg_path, _out_path, _n, _mfu, _compile = sys.argv[1:6]
+  with open(_cfg_path, "rb") as _f:
+    _config = pickle.load(_f)
+  with open(_out_path, "w") as _f:
+    json.dump(analyze(_config, num_devices=int(_n), compile=bool(int(_compile)),
+                      mfu=float(_mfu)), _f)

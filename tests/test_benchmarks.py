@@ -1,0 +1,63 @@
+"""The benchmark scripts run on the tiny config and print consistent, positive JSON fields."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(name: str, *args: str) -> dict:
+  """Runs benchmarks/NAME on one CPU device (fast XLA compile); returns its JSON output."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+def _check_machine(machine: dict) -> None:
+  assert machine["platform"] == "cpu" and machine["device_count"] == 1
+  assert machine["cpu_count"] >= 1 and machine["jax"]
+
+
+def _check_matmul(m: dict, size: int) -> None:
+  assert m["size"] == size and m["devices"] == 1
+  assert m["flops_per_call"] == 2 * size ** 3
+  assert 0 < m["flops_per_s"] <= m["flops_per_s_best"]
+
+
+def test_matmul_peak_script():
+  out = _run_script("matmul_peak.py", "--size=128", "--reps=3")
+  _check_machine(out["machine"])
+  _check_matmul(out["matmul"], 128)
+
+
+def test_train_throughput_script_on_tiny():
+  out = _run_script("train_throughput.py", "--configs=tiny", "--steps=2", "--warmup=1",
+                    "--matmul_size=128", "--matmul_reps=3")
+  _check_machine(out["machine"])
+  assert list(out["results"]) == ["tiny"]
+  r = out["results"]["tiny"]
+  assert r["global_batch"] == 8 and r["devices"] == 1 and r["steps"] == 2
+  for key in ("params", "trace_lower_s", "compile_s", "step_time_s_median", "step_time_s_mean",
+              "step_time_s_min", "images_per_s", "flops_per_step", "achieved_flops_per_s",
+              "fraction_of_matmul_peak", "peak_rss_mb"):
+    assert r[key] > 0, key
+  assert r["step_time_s_min"] <= r["step_time_s_median"]
+  assert r["images_per_s"] == pytest.approx(8 / r["step_time_s_median"])
+  assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"])
+  _check_matmul(r["matmul"], 128)
+  assert r["fraction_of_matmul_peak"] == pytest.approx(
+      r["achieved_flops_per_s"] / r["matmul"]["flops_per_s"])
+  assert r["peak_rss_mb"] > 100, "a JAX process holds well over 100 MB"
+
+
+def test_unknown_config_is_a_clear_error():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+                         "--configs=huge"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "Unknown benchmark config 'huge'" in proc.stderr
