@@ -35,17 +35,20 @@ CONFIGS = ("tiny", "demo", "mid")
 def get_config(name: str, batch_size: int = 0):
   """A benchmark config; batch_size > 0 replaces data.batch_size (the global batch).
 
-  'mid' is the demo on 32 x 32 x 3 synthetic images with an f4 VAE (ch_mult (1, 2, 2),
-  16 latent channels, so 8 x 8 x 16 latents) and a flow of width 256, four blocks of
-  two layers, head_dim 64.
+  'tiny' and 'demo' are configs/tiny.py and configs/demo.py. 'mid' is the demo's
+  losses and optimiser with its own, pinned model sizes: 32 x 32 x 3 synthetic images,
+  batch 64, an f4 VAE (ch 32, ch_mult (1, 2, 2), one res block, 16 latent channels:
+  8 x 8 x 16 latents) and a flow over 64 tokens of 16 dims (patch 1) of width 256,
+  four blocks of two layers, head_dim 64.
   """
   if name not in CONFIGS:
     raise ValueError(f"Unknown benchmark config {name!r}; choose from {CONFIGS}.")
   c = tiny.get_config() if name == "tiny" else demo.get_config()
   if name == "mid":
-    c.data.source, c.data.channels = "synthetic", 3
-    c.vae.ch_mult, c.vae.z_channels = (1, 2, 2), 16
-    c.flow.width, c.flow.layers, c.flow.head_dim = 256, (2, 2, 2, 2), 64
+    c.data.source, c.data.image_size, c.data.channels, c.data.batch_size = "synthetic", 32, 3, 64
+    c.vae.ch, c.vae.ch_mult, c.vae.num_res_blocks, c.vae.attn_mid = 32, (1, 2, 2), 1, False
+    c.vae.z_channels = 16
+    c.flow.patch_size, c.flow.width, c.flow.layers, c.flow.head_dim = 1, 256, (2, 2, 2, 2), 64
   if batch_size > 0:
     c.data.batch_size = batch_size
   return c

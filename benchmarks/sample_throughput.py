@@ -1,31 +1,32 @@
 """Sampling throughput: images/s with sequential (KV-cached scan) and Jacobi decoding.
 
-Usage:
-  python benchmarks/sample_throughput.py [--configs demo,mid] [--batch N] [--repeats R]
-      [--guidance W] [--jacobi_chunk C] [--perturb STD]
+  python benchmarks/sample_throughput.py                    # demo and mid, 2 timed calls each
+  python benchmarks/sample_throughput.py --configs=mid --batch=32 --repeats=3 --guidance=1.5
 
-Prints one JSON object: per config, for each decoder, the compile time (reported
-separately, never in the rate), seconds per batch and images/s (noise -> flow inverse ->
-VAE decode, compiled ahead of time), and for Jacobi the mean and per-block iteration counts.
-
-Configs (configs.base.get_base_config() + overrides):
-  demo  32x32x1 images, VAE ch_mult (1, 2, 2) (f4), z 4 -> 8x8x4 latents = 64 tokens of 4 dims;
-        flow width 128, layers (2, 2); batch 64.
+Prints one JSON object: {"machine": {...}, "perturb": STD, "results": {CONFIG: {...}}}. Per
+config, shapes and settings, then for "sequential" and "jacobi":
+  compile_s                  ahead-of-time compile of noise -> flow inverse -> VAE decode
+                             (the warm-up; never part of the rates)
+  seconds_per_batch, images_per_s   mean over --repeats calls with fresh noise
+  jacobi_mean_iters, jacobi_mean_iters_per_block   (jacobi) iterations per chunk
+Configs here (configs.base.get_base_config() + overrides; not common.get_config's):
+  demo  32x32x1 images, VAE ch_mult (1, 2, 2) (f4), z 4 -> 8x8x4 latents = 64 tokens of
+        4 dims; flow width 128, layers (2, 2); batch 64.
   mid   32x32x3 images, VAE ch_mult (1, 2) (f2), z 16 -> 16x16x16 latents = 256 tokens of
         16 dims; flow width 256, layers (2, 2, 2, 2); batch 16.
+  tiny  common.get_config('tiny') (64 tokens, width 32); batch 8. A seconds-long smoke run.
 Parameters are random (throughput only). A fresh flow is the identity (zero-initialised
-heads), on which Jacobi converges after one iteration, so the flow parameters are
-perturbed by Gaussian noise of std --perturb to give Jacobi a realistic amount of work.
+heads), on which Jacobi stops after one iteration, so the flow parameters get Gaussian
+noise of std --perturb to give Jacobi a realistic amount of work.
 """
-import argparse
-import json
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
+import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
 from configs import base
 from simflow_jax import sample
 from simflow_jax.models import build
@@ -35,14 +36,25 @@ CONFIGS = {
                  flow=dict(width=128, layers=(2, 2)), batch=64),
     "mid": dict(data=dict(image_size=32, channels=3), vae=dict(ch_mult=(1, 2), z_channels=16),
                 flow=dict(width=256, layers=(2, 2, 2, 2)), batch=16),
+    "tiny": dict(batch=8),
 }
+
+_CONFIGS = flags.DEFINE_list("configs", ["demo", "mid"], f"Sampling benchmark configs: {sorted(CONFIGS)}.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Batch size (0 = the config's default).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per decoder after compiling.")
+_GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight (0 = unguided).")
+_JACOBI_CHUNK = flags.DEFINE_integer("jacobi_chunk", 0, "Jacobi chunk length (0 = the whole sequence).")
+_PERTURB = flags.DEFINE_float("perturb", 0.02, "Std of the Gaussian noise added to the flow parameters.")
 
 
 def make_config(name: str):
-  spec = CONFIGS[name]
+  if name not in CONFIGS:
+    raise ValueError(f"Unknown benchmark config {name!r}; choose from {sorted(CONFIGS)}.")
+  if name == "tiny":
+    return common.get_config("tiny")
   config = base.get_base_config()
   for section in ("data", "vae", "flow"):
-    config[section].update(spec[section])
+    config[section].update(CONFIGS[name][section])
   return config
 
 
@@ -53,8 +65,7 @@ def perturb(params, std: float, seed: int = 0):
 
 
 def time_sampler(models, params, labels, sample_cfg, repeats: int) -> dict:
-  """Compiles ahead of time (the warm-up; its time is reported as compile_s), then times
-  `repeats` calls of noise -> tokens -> images."""
+  """Compiles ahead of time, then times `repeats` calls of noise -> tokens -> images."""
 
   def run(params, labels, rng):
     tokens, info = sample.sample_tokens(models, params["flow"], labels, rng, sample_cfg)
@@ -83,47 +94,36 @@ def time_sampler(models, params, labels, sample_cfg, repeats: int) -> dict:
   return out
 
 
-def bench_config(name: str, args) -> dict:
+def bench_config(name: str) -> dict:
   config = make_config(name)
   models = build.build_models(config)
   params = jax.jit(lambda r: build.init_params(models, r))(jax.random.key(0))
-  params = {"vae": params["vae"], "flow": perturb(params["flow"], args.perturb)}
-  batch = args.batch or CONFIGS[name]["batch"]
+  params = {"vae": params["vae"], "flow": perturb(params["flow"], _PERTURB.value)}
+  batch = _BATCH.value or CONFIGS[name]["batch"]
   labels = jnp.arange(batch, dtype=jnp.int32) % models.num_classes
   cfg = config.sample
-  cfg.update(guidance=args.guidance, jacobi_chunk=args.jacobi_chunk)
+  cfg.update(guidance=_GUIDANCE.value, jacobi_chunk=_JACOBI_CHUNK.value, jacobi=False)
   result = dict(image_shape=[config.data.image_size, config.data.image_size, config.data.channels],
-                latent_shape=[*models.latent_hw, models.latent_channels],
-                tokens=models.flow.seq_len, token_dim=models.flow.token_dim, flow_width=models.flow.width,
-                flow_layers=list(models.flow.layers_per_block), batch=batch, guidance=args.guidance,
-                jacobi_chunk=args.jacobi_chunk, jacobi_threshold=cfg.jacobi_threshold)
-  cfg.jacobi = False
-  result["sequential"] = time_sampler(models, params, labels, cfg, args.repeats)
+                latent_shape=[*models.latent_hw, models.latent_channels], tokens=models.flow.seq_len,
+                token_dim=models.flow.token_dim, flow_width=models.flow.width,
+                flow_layers=list(models.flow.layers_per_block), batch=batch, guidance=cfg.guidance,
+                guidance_rule=cfg.guidance_rule, jacobi_chunk=cfg.jacobi_chunk,
+                jacobi_threshold=cfg.jacobi_threshold)
+  result["sequential"] = time_sampler(models, params, labels, cfg, _REPEATS.value)
   cfg.jacobi = True
-  result["jacobi"] = time_sampler(models, params, labels, cfg, args.repeats)
+  result["jacobi"] = time_sampler(models, params, labels, cfg, _REPEATS.value)
   return result
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", default="demo,mid", help=f"comma-separated, from {sorted(CONFIGS)}")
-  parser.add_argument("--batch", type=int, default=0, help="batch size (0 = the config's default)")
-  parser.add_argument("--repeats", type=int, default=2, help="timed calls after compiling")
-  parser.add_argument("--guidance", type=float, default=0.0, help="CFG weight (0 = unguided)")
-  parser.add_argument("--jacobi_chunk", type=int, default=0, help="Jacobi chunk (0 = whole sequence)")
-  parser.add_argument("--perturb", type=float, default=0.02, help="std of the noise added to the flow params")
-  args = parser.parse_args()
-  names = [n.strip() for n in args.configs.split(",") if n.strip()]
-  unknown = [n for n in names if n not in CONFIGS]
-  if unknown:
-    parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
-  if args.repeats < 1:
-    parser.error("--repeats must be >= 1")
-  report = dict(backend=jax.default_backend(), devices=len(jax.devices()), jax=jax.__version__,
-                machine=platform.machine(), perturb=args.perturb, repeats=args.repeats,
-                results={n: bench_config(n, args) for n in names})
-  print(json.dumps(report, indent=2))
+def main(argv):
+  del argv
+  if _REPEATS.value < 1:
+    raise ValueError(f"--repeats must be >= 1, got {_REPEATS.value}.")
+  for name in _CONFIGS.value:
+    make_config(name)  # unknown names fail before any work
+  results = {name: bench_config(name) for name in _CONFIGS.value}
+  common.emit({"machine": common.machine(), "perturb": _PERTURB.value, "results": results})
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

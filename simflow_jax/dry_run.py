@@ -26,8 +26,10 @@ compiled for them. The result goes to WORKDIR/dry_run.json and is logged as a ta
   timing_s        trace+lower and compile seconds of the real step on this machine: wall
                   clock, and CPU seconds of this process ('_cpu': all its threads; on a
                   machine shared with other jobs the wall clock overstates the cost).
-  estimates       step time, images/s, run time and cost on REFERENCE_CHIPS: the same
-                  number of chips as devices in the mesh, at `mfu` of their bf16 peak.
+  host_peak_rss_mb  this process's peak resident memory (the dry run allocates no state).
+  estimates       step time, images/s, run time and cost on REFERENCE_CHIPS, as many
+                  chips as devices in the mesh: step time = FLOPs / (chips x bf16 peak x
+                  `mfu`), i.e. compute-bound at the assumed model FLOP utilisation.
 
 The mesh: config.mesh over `num_devices` devices. In `run`, the number comes from the
 DRY_RUN_DEVICES environment variable (default: every local device); when it exceeds the
@@ -52,6 +54,7 @@ import json
 import math
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import tempfile
@@ -229,6 +232,11 @@ def _compiled_memory(compiled) -> Optional[dict]:
   return m
 
 
+def _peak_rss_mb() -> float:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, macOS: bytes
+  return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
 def _estimates(flops: float, num_devices: int, batch_size: int, num_steps: int, mfu: float,
                peak_bytes: Optional[int]) -> dict:
   out = {}
@@ -314,6 +322,7 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
       "flops": {"per_step": flops, "per_example": flops / b, "per_device_per_step": flops / n},
       "memory": memory,
       "timing_s": timing,
+      "host_peak_rss_mb": _peak_rss_mb(),
       "estimates": {"mfu": mfu, "chips": n,
                     "per_chip": _estimates(flops, n, b, config.train.num_steps, mfu, peak)},
   }
@@ -373,7 +382,8 @@ def _log_table(r: dict) -> None:
   compile_s = ("-" if t["compile"] is None
                else f"{t['compile']:.1f} s ({t['compile_cpu']:.1f} s CPU)")
   lines.append(f"Trace+lower {t['trace_and_lower']:.1f} s ({t['trace_and_lower_cpu']:.1f} s CPU), "
-               f"compile {compile_s}, FLOP count lowering {t['flop_count_lowering']:.1f} s")
+               f"compile {compile_s}, FLOP count lowering {t['flop_count_lowering']:.1f} s; "
+               f"host peak RSS {r['host_peak_rss_mb']:.0f} MiB")
   e = r["estimates"]
   lines.append(f"On {e['chips']} chips at {e['mfu']:.0%} MFU ({r['config']['num_steps']:,d} steps; "
                "prices are assumptions, see dry_run.REFERENCE_CHIPS):")
@@ -387,10 +397,21 @@ def _log_table(r: dict) -> None:
     logging.info("%s", line)
 
 
+def _env_number(name: str, default, cast):
+  value = os.environ.get(name, "")
+  if not value:
+    return default
+  try:
+    return cast(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} is not a {cast.__name__}: e.g. {name}=64 for the "
+                     "device count, DRY_RUN_MFU=0.4 for the assumed FLOP utilisation.") from None
+
+
 def run(config, workdir: str) -> dict:
   """`main.py --mode=dry_run`: analyze on DRY_RUN_DEVICES devices, write WORKDIR/dry_run.json."""
-  n = int(os.environ.get("DRY_RUN_DEVICES", "0")) or jax.device_count()
-  mfu = float(os.environ.get("DRY_RUN_MFU", DEFAULT_MFU))
+  n = _env_number("DRY_RUN_DEVICES", 0, int) or jax.device_count()
+  mfu = _env_number("DRY_RUN_MFU", DEFAULT_MFU, float)
   if n <= jax.device_count():
     result = analyze(config, num_devices=n, mfu=mfu)
   else:

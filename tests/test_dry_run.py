@@ -56,6 +56,7 @@ def test_flops_memory_timing_and_estimates(result):
   assert c["argument"] >= state_bytes, "the state is an argument of the step"
   assert c["alias"] >= m["state_per_device_bytes"]["params"], "the state is donated"
   assert t["trace_and_lower"] > 0 and t["compile"] > 0 and t["compile_cpu"] > 0
+  assert 100 < result["host_peak_rss_mb"] < 8000
   for chip, e in result["estimates"]["per_chip"].items():
     spec = dry_run.REFERENCE_CHIPS[chip]
     assert e["step_time_s"] == pytest.approx(f["per_step"] / (2 * spec.peak_flops * 0.4))
@@ -66,13 +67,13 @@ def test_flops_memory_timing_and_estimates(result):
 
 def test_scanned_layers_are_counted_in_flops(result):
   """XLA counts a while loop's body once; one more layer per block must add its FLOPs."""
-  config = tiny.get_config()  # flow width 32, head_dim 16, layers (1, 1), 8 x 8 tokens
+  config = tiny.get_config()
+  assert config.flow.layers == (1, 1) and config.flow.scan_layers and config.flow.mlp_ratio == 4
   with config.unlocked():
     config.flow.layers = (2, 2)
-  assert config.flow.scan_layers
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   extra = dry_run.step_flops(config, mesh) - result["flops"]["per_step"]
-  w, s, b = 32, 64, 8
+  w, s, b = config.flow.width, build.build_models(config).flow.seq_len, config.data.batch_size
   # Per token and layer, forward: qkv + out + MLP matmuls 2 * 12 w^2, scores and mixing
   # 4 s w; backward twice that. Two extra layers, b * s tokens.
   matmul_flops = 2 * 3 * b * s * (2 * 12 * w * w + 4 * s * w)

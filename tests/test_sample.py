@@ -64,9 +64,9 @@ def sample_cfg(**overrides):
   return cfg
 
 
-def noise(b=2):
-  z = jax.random.normal(jax.random.key(100), (b, T, D))
-  return z, jnp.arange(b, dtype=jnp.int32) % NCLS
+def noise():
+  """z (2, T, D) and labels (2,)."""
+  return jax.random.normal(jax.random.key(100), (2, T, D)), jnp.array([0, 1], jnp.int32)
 
 
 def doubled_streams(seed, b=3, d=5):
