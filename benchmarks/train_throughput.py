@@ -13,6 +13,10 @@ Prints one JSON object: {"machine": {...}, "results": {CONFIG: {...}}}. Per conf
   matmul                     the matmul peak on the same devices, measured in this
                              process right after the steps (benchmarks/common.py)
   fraction_of_matmul_peak    achieved_flops_per_s / matmul.flops_per_s
+  step_cpu_s_median, achieved_flops_per_cpu_s, fraction_of_matmul_peak_cpu
+                             the same per CPU second of this process (all threads): on
+                             a machine shared with other jobs, the wall-clock ratio
+                             mixes in their load, the CPU-time ratio much less
   peak_rss_mb                this process's peak host memory after the config ran
                              (cumulative: configs run in the order given)
 Random batches are placed on the devices once, and the frozen networks (if the config
@@ -76,10 +80,10 @@ def bench_config(name: str) -> dict:
       return state, metrics
 
     common.timed(one_step, _WARMUP.value)
-    times = common.timed(one_step, _STEPS.value)
+    times, cpu = common.timed(one_step, _STEPS.value)
     flops = dry_run.step_flops(config, mesh)
   peak = common.matmul_peak(devs, _MATMUL_SIZE.value, _MATMUL_REPS.value)
-  median = statistics.median(times)
+  median, median_cpu = statistics.median(times), statistics.median(cpu)
   achieved = flops / median
   b = config.data.batch_size
   return {"global_batch": b, "devices": len(devs), "steps": len(times),
@@ -89,6 +93,8 @@ def bench_config(name: str) -> dict:
           "step_time_s_min": min(times), "images_per_s": b / median,
           "flops_per_step": flops, "achieved_flops_per_s": achieved, "matmul": peak,
           "fraction_of_matmul_peak": achieved / peak["flops_per_s"],
+          "step_cpu_s_median": median_cpu, "achieved_flops_per_cpu_s": flops / median_cpu,
+          "fraction_of_matmul_peak_cpu": flops / median_cpu / peak["flops_per_cpu_s"],
           "peak_rss_mb": common.peak_rss_mb()}
 
 

@@ -404,7 +404,7 @@ def _env_number(name: str, default, cast):
   try:
     return cast(value)
   except ValueError:
-    raise ValueError(f"{name}={value!r} is not a {cast.__name__}: e.g. {name}=64 for the "
+    raise ValueError(f"{name}={value!r} is not a number: set DRY_RUN_DEVICES=64 for the "
                      "device count, DRY_RUN_MFU=0.4 for the assumed FLOP utilisation.") from None
 
 

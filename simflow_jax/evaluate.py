@@ -303,7 +303,7 @@ def _inception_metrics(config, raw_fn, sample_feats: dict, split_feats: dict) ->
 
 def _digit_metrics(clf, sample_feats: dict, sample_labels: np.ndarray, split_feats: dict) -> dict:
   def fd(a, b):
-    return digits.frechet_distance(*digits.feature_statistics(a), *digits.feature_statistics(b))
+    return metrics.fid_from_stats(*metrics.stats(a), *metrics.stats(b))
 
   real = split_feats["real"]["pool"]
   return {

@@ -16,7 +16,6 @@ Public API:
   generator(params) -> the subtrees with an EMA (everything but the discriminator)
 """
 import jax
-import jax.numpy as jnp
 import optax
 
 FROZEN = "frozen"

@@ -16,7 +16,6 @@ Returns the last logged metrics (a dict of floats).
 """
 import functools
 import json
-import os
 import time
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simflow_jax import checkpoint, metric_writers, optim, sample, sharding, train_step
+from simflow_jax import checkpoint, files, metric_writers, optim, sample, sharding, train_step
 from simflow_jax.data import pipeline
 from simflow_jax.evals import robustness
 from simflow_jax.models import build
@@ -61,12 +60,12 @@ def write_sample_grid(models, config, params, step, workdir, writer, mesh) -> st
   fn = sample.make_sample_fn(models, config.sample)
   images = fn(params, jnp.asarray(labels), jax.random.key(config.seed + 1))
   images = np.asarray(jax.device_get(images))
-  path = os.path.join(workdir, "samples", f"grid_{step:08d}.png")
+  path = epath.Path(workdir) / "samples" / f"grid_{step:08d}.png"
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    robustness.save_image_grid(images, path, nrow=config.train.grid_per_class)
+    files.write_atomic(path, lambda tmp: robustness.save_image_grid(images, tmp,
+                                                                   nrow=config.train.grid_per_class))
     writer.write_images(step, {"samples": ((images + 1) / 2).clip(0, 1)})
-  return path
+  return str(path)
 
 
 def _save_config(config, workdir) -> None:

@@ -26,7 +26,7 @@ def _check_machine(machine: dict) -> None:
 def _check_matmul(m: dict, size: int) -> None:
   assert m["size"] == size and m["devices"] == 1
   assert m["flops_per_call"] == 2 * size ** 3
-  assert 0 < m["flops_per_s"] <= m["flops_per_s_best"]
+  assert 0 < m["flops_per_s"] <= m["flops_per_s_best"] and m["flops_per_cpu_s"] > 0
 
 
 def test_matmul_peak_script():
@@ -44,7 +44,8 @@ def test_train_throughput_script_on_tiny():
   assert r["global_batch"] == 8 and r["devices"] == 1 and r["steps"] == 2
   for key in ("params", "trace_lower_s", "compile_s", "step_time_s_median", "step_time_s_mean",
               "step_time_s_min", "images_per_s", "flops_per_step", "achieved_flops_per_s",
-              "fraction_of_matmul_peak", "peak_rss_mb"):
+              "fraction_of_matmul_peak", "step_cpu_s_median", "achieved_flops_per_cpu_s",
+              "fraction_of_matmul_peak_cpu", "peak_rss_mb"):
     assert r[key] > 0, key
   assert r["step_time_s_min"] <= r["step_time_s_median"]
   assert r["images_per_s"] == pytest.approx(8 / r["step_time_s_median"])
@@ -52,6 +53,8 @@ def test_train_throughput_script_on_tiny():
   _check_matmul(r["matmul"], 128)
   assert r["fraction_of_matmul_peak"] == pytest.approx(
       r["achieved_flops_per_s"] / r["matmul"]["flops_per_s"])
+  assert r["fraction_of_matmul_peak_cpu"] == pytest.approx(
+      r["flops_per_step"] / r["step_cpu_s_median"] / r["matmul"]["flops_per_cpu_s"])
   assert r["peak_rss_mb"] > 100, "a JAX process holds well over 100 MB"
 
 

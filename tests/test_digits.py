@@ -5,7 +5,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import scipy.linalg
 
 from configs.base import get_base_config
 from simflow_jax.data import mnist5k
@@ -73,29 +72,6 @@ def test_feature_and_logit_shapes_and_chunking(clf):
   np.testing.assert_allclose(feats[:500], feats[500:1000], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(clf.features(images[:7]), feats[:7], rtol=1e-5, atol=1e-5)
   assert np.all(feats >= 0)  # post-ReLU
-
-
-def test_frechet_distance_closed_forms():
-  rng = np.random.default_rng(0)
-  # Diagonal covariances: sum of (m1 - m2)^2 + (sd1 - sd2)^2 over dimensions.
-  m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
-  sd1, sd2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
-  expected = np.sum((m1 - m2) ** 2 + (sd1 - sd2) ** 2)
-  got = digits.frechet_distance(m1, np.diag(sd1 ** 2), m2, np.diag(sd2 ** 2))
-  assert got == pytest.approx(expected, rel=1e-10)
-  # Full covariances against scipy's matrix square root.
-  a, b = rng.standard_normal((16, 40)), rng.standard_normal((16, 40)) * 1.5
-  s1, s2 = a @ a.T / 40, b @ b.T / 40
-  mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
-  tr_covmean = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-  ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * tr_covmean
-  assert digits.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
-  assert digits.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
-  # Rank-deficient covariances (as with dead ReLU features) stay finite and >= 0.
-  s3 = np.diag([1.0, 0.0, 2.0])
-  assert digits.frechet_distance(np.zeros(3), s3, np.zeros(3), s3) == pytest.approx(0.0, abs=1e-12)
-  with pytest.raises(ValueError, match="mu \\(d,\\)"):
-    digits.frechet_distance(mu1, s1, mu2[:3], s2)
 
 
 def test_digit_frechet_distance(clf):

@@ -12,8 +12,6 @@ Public API:
   train_digit_classifier(steps=600, seed=0, batch_size=128, lr=3e-3, max_shift=2)
                                                -> DigitClassifier
   get_digit_classifier(cache_dir, steps=600, seed=0) -> DigitClassifier (train once, cache)
-  frechet_distance(mu1, sigma1, mu2, sigma2) -> float
-  feature_statistics(features) -> (mu, sigma)
   digit_frechet_distance(clf, images_a, images_b) -> float
   class_accuracy(clf, images, labels) -> float
 
@@ -34,6 +32,7 @@ import numpy as np
 import optax
 
 from simflow_jax.data import mnist5k
+from simflow_jax.evals import metrics
 
 IMAGE_SHAPE = (32, 32, 1)
 FEATURE_DIM = 128
@@ -186,39 +185,11 @@ def get_digit_classifier(cache_dir: str, steps: int = 600, seed: int = 0) -> Dig
   return clf
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1^1/2 s2 s1^1/2)^1/2), in float64.
-
-  tr((s1 s2)^1/2) equals the trace of the square root of the symmetric PSD matrix
-  s1^1/2 s2 s1^1/2, whose eigenvalues (clipped at 0 against round-off) are found
-  with eigh: real, stable, and much faster than scipy.linalg.sqrtm.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  if mu1.shape != mu2.shape or mu1.ndim != 1 or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-    raise ValueError(f"frechet_distance needs mu (d,) and sigma (d, d) for both sets, got "
-                     f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
-  evals, evecs = np.linalg.eigh(0.5 * (s1 + s1.T))
-  sqrt_s1 = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
-  middle = sqrt_s1 @ s2 @ sqrt_s1
-  tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (middle + middle.T)), 0.0, None)).sum()
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-  """Mean (d,) and unbiased covariance (d, d) of features (N, d), float64, N >= 2."""
-  f = np.asarray(features, np.float64)
-  if f.ndim != 2 or f.shape[0] < 2:
-    raise ValueError(f"features must be shaped (N >= 2, d), got {f.shape}")
-  return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
 def digit_frechet_distance(clf: DigitClassifier, images_a, images_b) -> float:
-  """Frechet distance between the classifier's penultimate features of two image sets."""
-  mu_a, sigma_a = feature_statistics(clf.features(images_a))
-  mu_b, sigma_b = feature_statistics(clf.features(images_b))
-  return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+  """Frechet distance between the classifier's penultimate features of two image sets
+  (the same eigenvalue-form distance as FID: evals/metrics.py)."""
+  return metrics.fid_from_stats(*metrics.stats(clf.features(images_a)),
+                                *metrics.stats(clf.features(images_b)))
 
 
 def class_accuracy(clf: DigitClassifier, images, labels) -> float:

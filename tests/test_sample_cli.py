@@ -1,0 +1,164 @@
+"""--mode=sample (sample.run): the grid PNG, the ADM .npz export against the library sampler,
+bit-exact resume, seeds, the object-store write path, and the clear errors."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from simflow_jax import checkpoint, sample, train
+from simflow_jax.models import build
+
+NUM, BATCH, CLASSES = 20, 8, (1, 3, 5)  # 3 shards: 8, 8, 4 samples
+
+
+def make_config(**sample_fields):
+  config = tiny.get_config()
+  config.sample.num_samples, config.sample.batch_size, config.sample.classes = NUM, BATCH, CLASSES
+  for key, value in sample_fields.items():
+    config.sample[key] = value
+  return config
+
+
+def load_npz(path):
+  with np.load(path) as f:
+    return f["arr_0"], f["arr_1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """configs/tiny.py trained for its 4 steps, once per session (the folder is shared with
+  test_evaluate.py and test_likelihood.py through the session's base temp folder)."""
+  config = tiny.get_config()
+  workdir = str(tmp_path_factory.getbasetemp() / "tiny_trained")
+  if checkpoint.Checkpointer(workdir, config).latest_step() != config.train.num_steps:
+    train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def copy_run(trained, folder) -> str:
+  """A workdir of our own holding the trained checkpoints (samples written here stay here)."""
+  shutil.copytree(os.path.join(trained, "checkpoints"), os.path.join(folder, "checkpoints"))
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def first(trained, tmp_path_factory):
+  """One export into a fresh workdir: (workdir, result, merged arrays (images, labels))."""
+  workdir = copy_run(trained, tmp_path_factory.mktemp("sample_first"))
+  result = sample.run(make_config(), workdir)
+  images, labels = load_npz(result["npz_path"])
+  return workdir, result, images, labels
+
+
+def test_grid_png(first):
+  _, result, _, _ = first
+  assert result["grid_path"].endswith(os.path.join("samples", "sample_grid.png"))
+  with Image.open(result["grid_path"]) as im:
+    cols, rows = tiny.get_config().train.grid_per_class, len(CLASSES)
+    assert im.size == (cols * 34 + 2, rows * 34 + 2)  # 32-pixel tiles, 2-pixel padding
+    assert im.mode == "L"                             # 1-channel digits
+    grid = np.asarray(im)
+  tiles = [grid[2 + r * 34:2 + r * 34 + 32, 2 + c * 34:2 + c * 34 + 32]
+           for r in range(rows) for c in range(cols)]
+  assert len({t.tobytes() for t in tiles}) == len(tiles)  # every tile its own sample
+
+
+def test_npz_layout_and_balanced_labels(first):
+  workdir, result, images, labels = first
+  assert result["npz_path"] == os.path.join(workdir, "samples", f"samples_{NUM}x32x32x3.npz")
+  assert (result["num_samples"], result["shards_sampled"], result["shards_resumed"]) == (NUM, 3, 0)
+  assert result["checkpoint_step"] == 4 and result["images_per_sec"] > 0
+  assert images.dtype == np.uint8 and images.shape == (NUM, 32, 32, 3)
+  assert np.array_equal(images[..., 0], images[..., 2])  # grayscale repeated to RGB
+  assert images.std() > 0
+  assert labels.dtype == np.int64 and np.array_equal(labels, np.arange(NUM) % 10)
+  assert np.array_equal(np.bincount(labels, minlength=10), np.full(10, 2))
+  shards = sorted(os.listdir(os.path.join(workdir, "samples", "npz")))
+  assert shards == ["settings.json", "shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
+  assert [load_npz(os.path.join(workdir, "samples", "npz", s))[0].shape[0] for s in shards[1:]] == [8, 8, 4]
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert os.stat(result["npz_path"]).st_mode & 0o777 == 0o666 & ~umask  # not the 0o600 of a temp file
+
+
+def test_shards_are_the_library_sampler(first):
+  """Shard i = make_sample_fn on its labels (padded with class 0 to the batch) with noise
+  fold_in(key(seed), i): the mesh-sharded sampler computes the same images."""
+  workdir, _, images, _ = first
+  config = make_config()
+  models = build.build_models(config)
+  params = checkpoint.load_params(workdir, config, use_ema=True)
+  fn = sample.make_sample_fn(models, config.sample)
+  for shard, start, count in [(0, 0, 8), (2, 16, 4)]:
+    padded = np.zeros(BATCH, np.int32)
+    padded[:count] = np.arange(start, start + count) % 10
+    ref = sample.to_uint8(fn(params, padded, jax.random.fold_in(jax.random.key(config.seed), shard)))[:count]
+    got = images[start:start + count, ..., :1]
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1  # rounding of float noise at .5
+    assert np.mean(got == ref) > 0.99
+
+
+def test_resume_is_bit_exact(first):
+  workdir, _, images, labels = first
+  npz_dir = os.path.join(workdir, "samples", "npz")
+  kept = {s: os.stat(os.path.join(npz_dir, s)).st_mtime_ns for s in ("shard_00000.npz", "shard_00002.npz")}
+  os.remove(os.path.join(npz_dir, "shard_00001.npz"))
+  os.remove(os.path.join(workdir, "samples", f"samples_{NUM}x32x32x3.npz"))
+  result = sample.run(make_config(), workdir)
+  assert (result["shards_sampled"], result["shards_resumed"]) == (1, 2)
+  assert {s: os.stat(os.path.join(npz_dir, s)).st_mtime_ns for s in kept} == kept  # not rewritten
+  images2, labels2 = load_npz(result["npz_path"])
+  assert np.array_equal(images2, images) and np.array_equal(labels2, labels)
+
+
+def test_same_seed_same_samples_through_the_object_store_path(first, trained, tmp_path, monkeypatch):
+  """A from-scratch export in another workdir reproduces the first one exactly. It runs the
+  gs:// code path (stage locally, then upload / download through epath) on a local folder."""
+  _, _, images, labels = first
+  monkeypatch.setattr(sample, "_is_local", lambda path: False)
+  result = sample.run(make_config(), copy_run(trained, tmp_path))
+  assert result["shards_sampled"] == 3
+  images2, labels2 = load_npz(result["npz_path"])
+  assert np.array_equal(images2, images) and np.array_equal(labels2, labels)
+  assert not [f for f in os.listdir(os.path.dirname(result["npz_path"])) if f.startswith(".tmp")]
+
+
+def test_other_seed_other_samples(first, trained, tmp_path):
+  _, _, images, labels = first
+  config = make_config(num_samples=8)
+  config.seed = 1
+  images_b, labels_b = load_npz(sample.run(config, copy_run(trained, tmp_path))["npz_path"])
+  assert np.array_equal(labels_b, labels[:8])
+  assert np.mean(images_b != images[:8]) > 0.3
+
+
+def test_changed_settings_do_not_mix_with_old_shards(first):
+  workdir, _, _, _ = first
+  config = make_config()
+  config.seed = 1
+  with pytest.raises(ValueError, match=r"differ in: seed.*delete .*npz"):
+    sample.run(config, workdir)
+  with pytest.raises(ValueError, match=r"differ in: guidance, num_samples"):
+    sample.run(make_config(num_samples=24, guidance=1.0), workdir)
+
+
+# The argument checks come before the checkpoint is read: an empty workdir proves it.
+@pytest.mark.parametrize("fields, message", [
+    ({"classes": (1, 10)}, r"class ids \[10\] are outside \[0, 10\)"),
+    ({"classes": (-2, 3)}, r"class ids \[-2\]"),
+    ({"guidance": -0.5}, r"sample.guidance must be >= 0"),
+    ({"batch_size": 12}, r"batch_size=12 .* multiple of the 8 devices.*batch_size=8"),
+    ({"num_samples": -1}, r"num_samples must be >= 0"),
+])
+def test_bad_arguments(tmp_path, fields, message):
+  with pytest.raises(ValueError, match=message):
+    sample.run(make_config(**fields), str(tmp_path))
+
+
+def test_missing_checkpoint(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    sample.run(make_config(), str(tmp_path))
