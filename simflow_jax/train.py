@@ -14,9 +14,11 @@
   5. write a class-conditional sample grid every `train.sample_every` steps and at the end.
 Returns the last logged metrics (a dict of floats).
 """
+import dataclasses
 import functools
 import json
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,75 @@ from simflow_jax.pretrained import dinov2, lpips
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The jitted train step of `config` on `mesh`, and abstract arguments for it."""
+  models: build.Models
+  tx: Any
+  fn: Callable                # jit(train_step) with in/out shardings, donates the state
+  create_state: Callable      # jit(rng -> TrainState) with the state's out_shardings
+  state: Any                  # TrainState of ShapeDtypeStructs (with shardings)
+  batch: dict                 # {'image', 'label'} ShapeDtypeStructs, global batch
+  frozen: dict                # frozen networks' params as ShapeDtypeStructs
+  mesh: jax.sharding.Mesh
+
+
+def _with_sharding(tree, shard):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
+
+
+def abstract_frozen(config) -> dict:
+  """The frozen networks' parameters the step needs, as ShapeDtypeStructs (float32).
+
+  The same tree train.load_frozen_networks loads from files, built from the known
+  architectures only: LPIPS VGG16 (loss.w_lpips > 0), the REPA encoder (repa.enabled).
+  """
+  frozen = {}
+  if config.loss.w_lpips > 0:
+    tree = {}
+    for path, shape in lpips.expected_shapes().items():
+      node = tree
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    frozen["lpips"] = tree
+  if config.repa.enabled:
+    encoder = dinov2.make_dinov2(config.repa.encoder)
+    x = jax.ShapeDtypeStruct((1, 14, 14, 3), jnp.float32)
+    frozen["repa_encoder"] = jax.eval_shape(encoder.init, jax.random.key(0), x)["params"]
+  return frozen
+
+
+def build_step(config, mesh) -> StepSpec:
+  """Models, optimiser, state shardings and the jitted step, as simflow_jax.train does."""
+  d = config.data
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.batch_size % n_batch:
+    raise ValueError(f"data.batch_size={d.batch_size} (the global batch) must be divisible by the "
+                     f"{n_batch} devices of the mesh: change --config.data.batch_size or the "
+                     "device count.")
+  models = build.build_models(config)
+  rng = jax.random.key(config.seed)
+  abstract_params = jax.eval_shape(lambda r: build.init_params(models, r), rng)
+  tx = optim.make_optimizer(config, abstract_params)
+  create = functools.partial(train_step.create_train_state, models, config, tx)
+  abstract_state = jax.eval_shape(create, rng)
+  state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((d.batch_size, d.image_size, d.image_size, d.channels),
+                                         jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((d.batch_size,), jnp.int32, sharding=batch_sh)}
+  frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        abstract_frozen(config))
+  fn = jax.jit(functools.partial(train_step.train_step, models=models, config=config, tx=tx),
+               in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+               donate_argnums=0)
+  return StepSpec(models=models, tx=tx, fn=fn,
+                  create_state=jax.jit(create, out_shardings=state_sh),
+                  state=_with_sharding(abstract_state, state_sh), batch=batch, frozen=frozen,
+                  mesh=mesh)
 
 
 def load_frozen_networks(config, mesh) -> dict:
@@ -96,15 +167,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   build.validate_config(config)
   _save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  models = build.build_models(config)
+  spec = build_step(config, mesh)
+  models, t = spec.models, config.train
   rng = jax.random.key(config.seed)
-  t = config.train
-
-  abstract_params = jax.eval_shape(lambda r: build.init_params(models, r), rng)
-  tx = optim.make_optimizer(config, abstract_params)
-  create = functools.partial(train_step.create_train_state, models, config, tx)
-  abstract_state = jax.eval_shape(create, rng)
-  state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh)
   frozen = load_frozen_networks(config, mesh)
 
   data_iter = pipeline.make_train_loader(config.data, config.seed, jax.process_index(),
@@ -113,27 +178,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = ckpt.latest_step()
   with jax.set_mesh(mesh):
     if start is None:
-      state = jax.jit(create, out_shardings=state_sh)(rng)
+      state = spec.create_state(rng)
       if t.variant in ("frozen_vae", "frozen_encoder"):
         state = _load_frozen_vae(state, config, models)
       start = 0
     else:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_sh)
-      state = ckpt.restore(abstract, data_iter)
+      state = ckpt.restore(spec.state, data_iter)
       logging.info("Resumed from checkpoint at step %d in %s", start, workdir)
 
-    n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in abstract_params.items()}
+    n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in spec.state.params.items()}
     logging.info("Parameters: %s; mesh %s; %d steps, global batch %d", n_params, dict(mesh.shape),
                  t.num_steps, config.data.batch_size)
     writer = metric_writers.MetricWriter(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
       writer.write_hparams(config)
 
-    step_fn = jax.jit(
-        functools.partial(train_step.train_step, models=models, config=config, tx=tx),
-        in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    step_fn = spec.fn
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start

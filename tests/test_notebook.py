@@ -16,7 +16,6 @@ import sys
 import nbclient
 import nbformat
 import numpy as np
-import pytest
 from PIL import Image
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks",
@@ -53,7 +52,6 @@ def test_committed_notebook_has_no_outputs():
                      "committing (Jupyter: Edit > Clear Outputs of All Cells, then save)")
 
 
-@pytest.mark.slow  # ~80 s of CPU (compiling init and train step); 2-3 min on a busy 2-core box
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   jupyter_dir = tmp_path / "jupyter"
   _install_kernelspec(jupyter_dir)
