@@ -105,6 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.lr_disc = 1e-4
   o.b1 = 0.9
   o.b2 = 0.999
+  o.eps = 1e-8
   o.weight_decay = 0.0
   o.warmup_steps = 100
   o.schedule = "cosine"       # cosine | constant

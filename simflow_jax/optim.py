@@ -56,7 +56,7 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
     if name in params:
       transforms[name] = optax.chain(
           optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-          optax.adamw(make_schedule(lr, o, config.train.num_steps), b1=o.b1, b2=o.b2,
+          optax.adamw(make_schedule(lr, o, config.train.num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay))
   return optax.multi_transform(transforms, param_labels(params, config.train.variant))
 
