@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, evaluate, likelihood, train
+from simflow_jax import checkpoint, evaluate, likelihood
 from simflow_jax.data import pipeline
 from simflow_jax.evals import metrics
 from simflow_jax.models import build
@@ -16,14 +16,8 @@ from simflow_jax.pretrained import inception
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """configs/tiny.py trained for its 4 steps, once per session (shared on disk with
-  test_likelihood.py through the session's base temp folder)."""
-  config = tiny.get_config()
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_trained")
-  if checkpoint.Checkpointer(workdir, config).latest_step() != config.train.num_steps:
-    train.train_and_evaluate(config, workdir)
-  return workdir
+def trained(tiny_trained):
+  return tiny_trained
 
 
 @pytest.fixture(autouse=True)

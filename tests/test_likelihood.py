@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from simflow_jax import checkpoint, likelihood, losses, train
+from simflow_jax import checkpoint, likelihood, losses
 from simflow_jax.data import pipeline
 from simflow_jax.models import build
 from simflow_jax.models import flow as flow_lib
@@ -17,15 +17,10 @@ from simflow_jax.models import vae as vae_lib
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """configs/tiny.py trained for its 4 steps, once per session (shared on disk with
-  test_evaluate.py through the session's base temp folder)."""
+def trained(tiny_trained):
   config = tiny.get_config()
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_trained")
-  if checkpoint.Checkpointer(workdir, config).latest_step() != config.train.num_steps:
-    train.train_and_evaluate(config, workdir)
   models = build.build_models(config)
-  return config, workdir, models, checkpoint.load_params(workdir, config)
+  return config, tiny_trained, models, checkpoint.load_params(tiny_trained, config)
 
 
 def _eval_images(config, n):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, sample, train
+from simflow_jax import checkpoint, sample
 from simflow_jax.models import build
 
 NUM, BATCH, CLASSES = 20, 8, (1, 3, 5)  # 3 shards: 8, 8, 4 samples
@@ -29,14 +29,8 @@ def load_npz(path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """configs/tiny.py trained for its 4 steps, once per session (the folder is shared with
-  test_evaluate.py and test_likelihood.py through the session's base temp folder)."""
-  config = tiny.get_config()
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_trained")
-  if checkpoint.Checkpointer(workdir, config).latest_step() != config.train.num_steps:
-    train.train_and_evaluate(config, workdir)
-  return workdir
+def trained(tiny_trained):
+  return tiny_trained
 
 
 def copy_run(trained, folder) -> str:
