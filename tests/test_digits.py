@@ -8,7 +8,7 @@ import pytest
 
 from configs.base import get_base_config
 from simflow_jax.data import mnist5k
-from simflow_jax.evals import digits
+from simflow_jax.evals import digits, metrics
 
 
 def _val_set():
@@ -83,7 +83,7 @@ def test_digit_frechet_distance(clf):
   fd_self = digits.digit_frechet_distance(clf, val, val)
   fd_real = digits.digit_frechet_distance(clf, val, train)
   fd_noise = digits.digit_frechet_distance(clf, val, noise)
-  scale = np.trace(digits.feature_statistics(clf.features(val))[1])
+  scale = np.trace(metrics.stats(clf.features(val))[1])
   assert abs(fd_self) < 1e-6 * scale
   assert fd_real > 0
   assert fd_noise > 10 * fd_real

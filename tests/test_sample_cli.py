@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, sample
+from simflow_jax import checkpoint, files, sample
 from simflow_jax.models import build
 
 NUM, BATCH, CLASSES = 20, 8, (1, 3, 5)  # 3 shards: 8, 8, 4 samples
@@ -113,7 +113,7 @@ def test_same_seed_same_samples_through_the_object_store_path(first, trained, tm
   """A from-scratch export in another workdir reproduces the first one exactly. It runs the
   gs:// code path (stage locally, then upload / download through epath) on a local folder."""
   _, _, images, labels = first
-  monkeypatch.setattr(sample, "_is_local", lambda path: False)
+  monkeypatch.setattr(files, "is_local", lambda path: False)
   result = sample.run(make_config(), copy_run(trained, tmp_path))
   assert result["shards_sampled"] == 3
   images2, labels2 = load_npz(result["npz_path"])
