@@ -125,11 +125,10 @@ def _grid_labels(config) -> np.ndarray:
   return np.repeat(np.asarray(classes, np.int32), config.train.grid_per_class)
 
 
-def write_sample_grid(models, config, params, step, workdir, writer, mesh) -> str:
+def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
   """Samples one row per class with the EMA generator and writes a PNG; returns its path."""
   labels = _grid_labels(config)
-  fn = sample.make_sample_fn(models, config.sample)
-  images = fn(params, jnp.asarray(labels), jax.random.key(config.seed + 1))
+  images = sample_fn(params, jnp.asarray(labels), jax.random.key(config.seed + 1))
   images = np.asarray(jax.device_get(images))
   path = epath.Path(workdir) / "samples" / f"grid_{step:08d}.png"
   if jax.process_index() == 0:
@@ -194,6 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       writer.write_hparams(config)
 
     step_fn = spec.fn
+    sample_fn = sample.make_sample_fn(models, config.sample)  # compiled once, used for every grid
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
@@ -224,12 +224,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if done % t.ckpt_every == 0 and done != t.num_steps:
         _save_checked(ckpt, done, state, data_iter, metrics, workdir)
       if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
-        write_sample_grid(models, config, state.ema, done, workdir, writer, mesh)
+        write_sample_grid(sample_fn, config, state.ema, done, workdir, writer)
 
     if start < t.num_steps or ckpt.latest_step() != t.num_steps:
       _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,
                     workdir, force=True)
-    grid = write_sample_grid(models, config, state.ema, t.num_steps, workdir, writer, mesh)
+    grid = write_sample_grid(sample_fn, config, state.ema, t.num_steps, workdir, writer)
     last["grid_path"] = grid
     ckpt.wait()
     ckpt.close()
