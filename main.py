@@ -24,7 +24,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-node GPU: this pro
 # mode -> (module, function(config, workdir))
 MODES = {
     "train": ("simflow_jax.train", "train_and_evaluate"),
-    "sample": ("simflow_jax.sample", "run"),
+    "sample": ("simflow_jax.export", "run"),
     "likelihood": ("simflow_jax.likelihood", "run"),
     "evaluate": ("simflow_jax.evaluate", "run"),
     "dry_run": ("simflow_jax.dry_run", "run"),

@@ -1,4 +1,4 @@
-"""Device mesh and sharding rules.
+"""Device mesh, sharding rules, and the host <-> device plumbing of the CLIs.
 
 Mesh axes: ('data', 'fsdp'). The batch is split over both axes (every device sees
 its own examples). Parameters and optimiser state are replicated, except leaves
@@ -6,19 +6,19 @@ whose path matches `mesh.fsdp_regex` and that have at least `mesh.fsdp_min_size`
 elements: those are split over 'fsdp' along their largest dimension divisible by
 the fsdp size (ZeRO-3 / FSDP; XLA inserts the all-gathers).
 
-Public API:
-  maybe_initialize_distributed()        jax.distributed.initialize() on multi-host runs
-  make_mesh(mesh_cfg, devices=None)     -> jax.sharding.Mesh
-  batch_sharding(mesh)                  -> NamedSharding for (B, ...) batches
-  replicated(mesh)                      -> NamedSharding
-  tree_shardings(abstract_tree, mesh, mesh_cfg) -> pytree of NamedSharding
-  global_batch(local_batch, mesh)       host-local numpy dict -> global jax.Arrays
+Host <-> device (sampling, evaluation, export): a host array (N, ...) present in full on
+every process is padded with zero rows to a multiple of the device count (N_pad, ...),
+split over the batch axes, and results (N_pad, ...) are gathered back in full to every
+process, where the padding rows are dropped.
 """
+import math
 import os
 import re
+from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -85,3 +85,44 @@ def global_batch(local_batch: dict, mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+# ------------------------------------------------------------------------------------
+# Host <-> device: pad -> shard -> gather.
+# ------------------------------------------------------------------------------------
+def device_multiple(batch_size: int) -> int:
+  """batch_size rounded up to a multiple of the device count (a batch is split over all)."""
+  n = jax.device_count()
+  return max(n, math.ceil(batch_size / n) * n)
+
+
+def pad_batch(array, size: int) -> np.ndarray:
+  """(n <= size, ...) -> (size, ...): zero rows appended, dtype kept."""
+  array = np.asarray(array)
+  if array.shape[0] > size:
+    raise ValueError(f"a batch of {array.shape[0]} rows does not fit in {size}.")
+  pad = np.zeros((size - array.shape[0],) + array.shape[1:], array.dtype)
+  return np.concatenate([array, pad])
+
+
+def shard_host_array(mesh, array) -> jax.Array:
+  """(N, ...) numpy, the same full array on every process -> a global array split over the
+  batch axes (N must be divisible by the device count: pad_batch)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda idx: array[idx])
+
+
+def fetch(tree):
+  """Global (possibly multi-process) arrays -> full numpy arrays on every process."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def map_batches(fn: Callable, x, mesh, batch_size: int) -> np.ndarray:
+  """fn (jitted, batch-parallel) over x (N, ...) float32 in zero-padded batches of
+  batch_size (a multiple of the device count: device_multiple) -> (N, ...) numpy."""
+  x = np.asarray(x, np.float32)
+  out = []
+  for start in range(0, x.shape[0], batch_size):
+    part = x[start:start + batch_size]
+    out.append(fetch(fn(shard_host_array(mesh, pad_batch(part, batch_size))))[:part.shape[0]])
+  return np.concatenate(out)

@@ -11,7 +11,8 @@
      console with steps/s and ETA);
   4. save every `train.ckpt_every` steps and at the end (never a non-finite state;
      a NaN/inf loss stops the run with its step, the last good checkpoint kept);
-  5. write a class-conditional sample grid every `train.sample_every` steps and at the end.
+  5. write a class-conditional sample grid every `train.sample_every` steps and at the end;
+     every `train.eval_every` steps (0 = never) log evaluate.make_periodic_eval's metrics.
 Returns the last logged metrics (a dict of floats).
 """
 import dataclasses
@@ -26,9 +27,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simflow_jax import checkpoint, files, metric_writers, optim, sample, sharding, train_step
+from simflow_jax import checkpoint, evaluate, files, metric_writers, optim, sample, sharding, train_step
 from simflow_jax.data import pipeline
-from simflow_jax.evals import robustness
+from simflow_jax.evals import figures
 from simflow_jax.models import build
 from simflow_jax.pretrained import dinov2, lpips
 
@@ -132,7 +133,7 @@ def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
   images = np.asarray(jax.device_get(images))
   path = epath.Path(workdir) / "samples" / f"grid_{step:08d}.png"
   if jax.process_index() == 0:
-    files.write_atomic(path, lambda tmp: robustness.save_image_grid(images, tmp,
+    files.write_atomic(path, lambda tmp: figures.save_image_grid(images, tmp,
                                                                    nrow=config.train.grid_per_class))
     writer.write_images(step, {"samples": ((images + 1) / 2).clip(0, 1)})
   return str(path)
@@ -195,6 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = spec.fn
     sample_fn = sample.make_sample_fn(models, config.sample)  # compiled once, used for every grid
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+    periodic_eval = evaluate.make_periodic_eval(config, models, mesh, workdir) if t.eval_every else None
 
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
     for step in range(start, t.num_steps):
@@ -225,6 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _save_checked(ckpt, done, state, data_iter, metrics, workdir)
       if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
         write_sample_grid(sample_fn, config, state.ema, done, workdir, writer)
+      if periodic_eval is not None and done % t.eval_every == 0:
+        writer.write_scalars(done, periodic_eval(state.ema, done))
 
     if start < t.num_steps or ckpt.latest_step() != t.num_steps:
       _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,

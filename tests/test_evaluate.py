@@ -1,5 +1,6 @@
 """--mode=evaluate: the digits report end to end, Inception-path metrics against known answers
-(a stand-in featurizer), the skip note, and the missing-checkpoint error."""
+(a stand-in featurizer), the evaluator chosen by the config, the skip note, the
+missing-checkpoint error, and the training loop's periodic evaluation (train.eval_every)."""
 import json
 import os
 
@@ -8,9 +9,9 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, evaluate, likelihood
+from simflow_jax import checkpoint, evaluate, likelihood, sharding, train
 from simflow_jax.data import pipeline
-from simflow_jax.evals import metrics
+from simflow_jax.evals import evaluators, metrics
 from simflow_jax.models import build
 from simflow_jax.pretrained import inception
 
@@ -90,8 +91,8 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
     calls.append(out)
     return out
 
-  monkeypatch.setattr(evaluate, "_inception_featurizer",
-                      lambda config: (features, lambda x: features(x / 127.5 - 1.0)))
+  monkeypatch.setattr(evaluators, "make_evaluator", lambda config, workdir: evaluators.InceptionEvaluator(
+      config, feature_fn=lambda x: features(x / 127.5 - 1.0)))
   monkeypatch.setattr(evaluate, "_lpips_fn", lambda config: (None, "LPIPS not under test"))
   config = tiny.get_config()
   real16 = next(pipeline.make_eval_loader(config.data, "validation", 16, num_examples=16))["image"]
@@ -102,7 +103,9 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
     config.eval.inception_weights = "stand-in (monkeypatched)"
     config.eval.ref_stats = str(tmp_path / "ref.npz")
     config.eval.num_samples, config.eval.noise_sweep = 16, (0.0, 1.0)
-  gen = evaluate.evaluate(config, trained, num_eval_examples=24)["generation"]
+  report = evaluate.evaluate(config, trained, num_eval_examples=24)
+  assert report["generation_mode"] == "inception"
+  gen = report["generation"]
 
   def cat(parts, key):
     return np.concatenate([p[key] for p in parts])
@@ -126,16 +129,79 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
   assert gen["reference"] == config.eval.ref_stats
 
 
+def _config(**fields):
+  config = tiny.get_config()
+  with config.unlocked():
+    for path, value in fields.items():
+      group, name = path.split(".")
+      config[group][name] = value
+  return config
+
+
+def test_evaluator_chosen_by_the_config(tmp_path):
+  workdir = str(tmp_path / "run")
+  inception_ev = evaluators.make_evaluator(_config(**{"eval.inception_weights": "w.msgpack"}), workdir)
+  assert isinstance(inception_ev, evaluators.InceptionEvaluator) and inception_ev.name == "inception"
+  digit_ev = evaluators.make_evaluator(_config(), workdir)  # tiny: the embedded digits, 32x32x1
+  assert isinstance(digit_ev, evaluators.DigitEvaluator) and digit_ev.name == "digits"
+  assert digit_ev.cache_dir == os.path.join(workdir, "eval", "digit_classifier")
+  assert digit_ev.steps == 20 and digit_ev._clf is None  # nothing trained or loaded yet
+  chosen = str(tmp_path / "shared_classifier")
+  assert evaluators.make_evaluator(_config(**{"eval.classifier_dir": chosen}), workdir).cache_dir == chosen
+  remote = evaluators.make_evaluator(_config(), "gs://bucket/run").cache_dir
+  assert "://" not in remote and remote.endswith("digit_classifier")
+  with pytest.raises(ValueError, match="classifier_dir.*local folder"):
+    evaluators.make_evaluator(_config(**{"eval.classifier_dir": "gs://bucket/clf"}), workdir)
+
+
 def test_skip_note_names_the_weights_file():
   for source, size in (("synthetic", 32), ("mnist5k", 64)):
-    config = tiny.get_config()
-    with config.unlocked():
-      config.data.source, config.data.image_size = source, size
-    mode, note = evaluate._generation_mode(config)
-    assert mode == "skipped"
+    evaluator = evaluators.make_evaluator(
+        _config(**{"data.source": source, "data.image_size": size}), "/tmp/unused")
+    assert evaluator.name == "skipped" and evaluator.features(np.zeros((2, size, size, 1))) == {}
+    note = evaluator.note
     assert inception.WEIGHTS_FILENAME in note and "eval.inception_weights" in note
+    assert evaluator.metrics({}, np.zeros(2), {}) == {"skipped": note}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluate.run(tiny.get_config(), str(tmp_path / "never_trained"))
+
+
+def test_periodic_bits_per_dim_are_the_likelihood_numbers(trained):
+  """Without the digit evaluator the periodic evaluation is --mode=likelihood's bits/dim on
+  the first eval batches."""
+  config = _config(**{"eval.inception_weights": "not loaded: the bits/dim path"})
+  models = build.build_models(config)
+  params = checkpoint.load_params(trained, config)
+  mesh = sharding.make_mesh(config.mesh)
+  out = evaluate.make_periodic_eval(config, models, mesh, trained)(params, 4)
+  num = evaluate.PERIODIC_BPD_BATCHES * config.data.batch_size
+  direct = likelihood.split_bits_per_dim(config, models, params, mesh=mesh, num_examples=num)
+  assert set(out) == {"eval/bits_per_dim_mu", "eval/bits_per_dim_sampled"}
+  for key in ("bits_per_dim_mu", "bits_per_dim_sampled"):
+    assert np.isfinite(out["eval/" + key]) and out["eval/" + key] == pytest.approx(direct[key], rel=1e-6)
+
+
+def test_eval_every_logs_digit_metrics(tmp_path, monkeypatch):
+  """train.eval_every=2 in a 4-step tiny run: the digit metrics of guided samples are logged at
+  steps 2 and 4, the classifier is trained once and cached in WORKDIR/eval/digit_classifier."""
+  monkeypatch.setattr(evaluate, "PERIODIC_NUM_REAL", 64)
+  trainings = []
+  real_train = evaluators.digits.train_digit_classifier
+  monkeypatch.setattr(evaluators.digits, "train_digit_classifier",
+                      lambda **kw: trainings.append(kw) or real_train(**kw))
+  config = _config(**{"train.eval_every": 2, "sample.guidance": 1.0})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  evals = {r["step"]: r for r in rows if "eval/digit_fd" in r}
+  assert sorted(evals) == [2, 4]
+  for row in evals.values():
+    assert set(row) == {"step", "eval/digit_fd", "eval/digit_class_accuracy"}
+    assert row["eval/digit_fd"] > 0 and 0.0 <= row["eval/digit_class_accuracy"] <= 1.0
+  assert evals[2]["eval/digit_fd"] != evals[4]["eval/digit_fd"]  # the parameters moved
+  assert len(trainings) == 1
+  assert any(f.endswith(".msgpack") for f in os.listdir(os.path.join(workdir, "eval", "digit_classifier")))

@@ -1,4 +1,5 @@
-"""Tests of noise robustness, interpolation and figure helpers (simflow_jax/evals/robustness.py)."""
+"""Tests of noise robustness and interpolation (evals/robustness.py) and the figure helpers
+(evals/figures.py)."""
 import math
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simflow_jax.evals import figures
 from simflow_jax.evals import robustness as rb
 
 
@@ -96,7 +98,7 @@ def test_save_image_grid_grayscale_size_and_values(tmp_path):
   images[0] = 1.0
   images[1] = 0.0
   path = str(tmp_path / "sub" / "grid.png")
-  rb.save_image_grid(images, path, nrow=4, padding=2)
+  figures.save_image_grid(images, path, nrow=4, padding=2)
   with Image.open(path) as im:
     assert im.mode == "L"
     assert im.size == (4 * (6 + 2) + 2, 3 * (8 + 2) + 2)  # (width, height): 4 columns, 3 rows
@@ -110,28 +112,28 @@ def test_save_image_grid_rgb_roundtrip(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 5, 7, 3)).astype(np.float32) / 127.5 - 1.0
   path = str(tmp_path / "rgb.png")
-  rb.save_image_grid(images, path, nrow=8, padding=0)
+  figures.save_image_grid(images, path, nrow=8, padding=0)
   with Image.open(path) as im:
     assert im.mode == "RGB" and im.size == (3 * 7, 5)
     arr = np.asarray(im)
   expected = np.round((images + 1) * 127.5).astype(np.uint8)  # (3, 5, 7, 3)
   np.testing.assert_array_equal(arr, np.concatenate(list(expected), axis=1))
   with pytest.raises(ValueError, match="C in"):
-    rb.save_image_grid(np.zeros((2, 4, 4, 2)), path)
+    figures.save_image_grid(np.zeros((2, 4, 4, 2)), path)
 
 
 def test_plots_write_pngs(tmp_path):
   res = [{"s": 0.0, "psnr": 40.0, "lpips": 0.01}, {"s": 1.0, "psnr": 20.0, "lpips": 0.2}]
-  rb.plot_robustness(res, str(tmp_path / "robust.png"))
+  figures.plot_robustness(res, str(tmp_path / "robust.png"))
   stats = {"spectral_entropy": 0.9, "high_freq_ratio": 0.5, "total_variation": 1.0,
            "lag1_autocorrelation": 0.1}
-  rb.plot_latent_stats(stats, str(tmp_path / "stats_one.png"))
+  figures.plot_latent_stats(stats, str(tmp_path / "stats_one.png"))
   two = {"end_to_end": stats, "frozen_vae": dict(stats, total_variation=float("nan"))}
-  rb.plot_latent_stats(two, str(tmp_path / "stats_two.png"))
+  figures.plot_latent_stats(two, str(tmp_path / "stats_two.png"))
   for name, size in (("robust.png", (500, 350)), ("stats_one.png", (1280, 320)),
                      ("stats_two.png", (1280, 320))):
     with Image.open(tmp_path / name) as im:
       assert im.format == "PNG" and im.size == size
       assert np.asarray(im.convert("L")).std() > 0  # something was drawn
   with pytest.raises(ValueError, match="same statistics"):
-    rb.plot_latent_stats({"a": stats, "b": {"total_variation": 1.0}}, str(tmp_path / "x.png"))
+    figures.plot_latent_stats({"a": stats, "b": {"total_variation": 1.0}}, str(tmp_path / "x.png"))

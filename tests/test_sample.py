@@ -1,6 +1,5 @@
-"""Tests of the sampler (sample.py): guidance rules, Jacobi decoding, seeds, .npz export."""
+"""Tests of the sampler (sample.py): guidance rules, Jacobi decoding, seeds."""
 import functools
-import os
 import types
 
 import jax
@@ -272,39 +271,3 @@ def test_bad_class_ids_raise(tiny_models):
     fn(params, jnp.array([0, 5], jnp.int32), jax.random.key(0))
   with pytest.raises(ValueError, match="temperature"):
     S.make_sample_fn(models, sample_cfg(temperature=0.0))
-
-
-# ---- ADM .npz export ----------------------------------------------------------------
-def test_to_uint8_values():
-  x = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0], np.float32)
-  np.testing.assert_array_equal(S.to_uint8(x), [0, 0, 128, 191, 255, 255])
-  assert S.to_uint8(jnp.asarray(x)).dtype == np.uint8
-
-
-def test_npz_shards_layout_and_merge(tmp_path):
-  rng = np.random.default_rng(0)
-  gray = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-  rgb = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-  p1, p2, out = str(tmp_path / "s1.npz"), str(tmp_path / "s2.npz"), str(tmp_path / "all.npz")
-  S.write_npz_shard(p1, gray, np.array([0, 1, 2]))
-  S.write_npz_shard(p2, rgb, np.array([7, 8], np.int32))
-  with np.load(p1) as f:
-    assert sorted(f.files) == ["arr_0", "arr_1"]
-    assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (3, 8, 8, 3)
-    for c in range(3):
-      np.testing.assert_array_equal(f["arr_0"][..., c], gray[..., 0])
-    assert np.issubdtype(f["arr_1"].dtype, np.integer)
-    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2])
-  assert S.merge_npz_shards([p1, p2], out) == 5
-  with np.load(out) as f:
-    assert f["arr_0"].shape == (5, 8, 8, 3)
-    np.testing.assert_array_equal(f["arr_0"][3:], rgb)
-    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2, 7, 8])
-  assert sorted(os.listdir(tmp_path)) == ["all.npz", "s1.npz", "s2.npz"]  # no temporary files left
-  with pytest.raises(ValueError, match="uint8"):
-    S.write_npz_shard(p1, gray.astype(np.float32), np.array([0, 1, 2]))
-  with pytest.raises(ValueError, match="one per image"):
-    S.write_npz_shard(p1, gray, np.array([0, 1]))
-  S.write_npz_shard(str(tmp_path / "small.npz"), rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8), [0])
-  with pytest.raises(ValueError, match="merge shards of one run"):
-    S.merge_npz_shards([p1, str(tmp_path / "small.npz")], out)

@@ -1,15 +1,18 @@
-"""--mode=sample (sample.run): the grid PNG, the ADM .npz export against the library sampler,
-bit-exact resume, seeds, the object-store write path, and the clear errors."""
+"""--mode=sample (export.run): the grid PNG, the ADM .npz export against the library sampler,
+bit-exact resume, seeds, the object-store write path, the clear errors, and the .npz layout
+helpers (figures.to_uint8, export.write_npz_shard / merge_npz_shards)."""
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, files, sample
+from simflow_jax import checkpoint, export, files, sample
+from simflow_jax.evals import figures
 from simflow_jax.models import build
 
 NUM, BATCH, CLASSES = 20, 8, (1, 3, 5)  # 3 shards: 8, 8, 4 samples
@@ -43,7 +46,7 @@ def copy_run(trained, folder) -> str:
 def first(trained, tmp_path_factory):
   """One export into a fresh workdir: (workdir, result, merged arrays (images, labels))."""
   workdir = copy_run(trained, tmp_path_factory.mktemp("sample_first"))
-  result = sample.run(make_config(), workdir)
+  result = export.run(make_config(), workdir)
   images, labels = load_npz(result["npz_path"])
   return workdir, result, images, labels
 
@@ -90,7 +93,7 @@ def test_shards_are_the_library_sampler(first):
   for shard, start, count in [(0, 0, 8), (2, 16, 4)]:
     padded = np.zeros(BATCH, np.int32)
     padded[:count] = np.arange(start, start + count) % 10
-    ref = sample.to_uint8(fn(params, padded, jax.random.fold_in(jax.random.key(config.seed), shard)))[:count]
+    ref = figures.to_uint8(fn(params, padded, jax.random.fold_in(jax.random.key(config.seed), shard)))[:count]
     got = images[start:start + count, ..., :1]
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1  # rounding of float noise at .5
     assert np.mean(got == ref) > 0.99
@@ -102,7 +105,7 @@ def test_resume_is_bit_exact(first):
   kept = {s: os.stat(os.path.join(npz_dir, s)).st_mtime_ns for s in ("shard_00000.npz", "shard_00002.npz")}
   os.remove(os.path.join(npz_dir, "shard_00001.npz"))
   os.remove(os.path.join(workdir, "samples", f"samples_{NUM}x32x32x3.npz"))
-  result = sample.run(make_config(), workdir)
+  result = export.run(make_config(), workdir)
   assert (result["shards_sampled"], result["shards_resumed"]) == (1, 2)
   assert {s: os.stat(os.path.join(npz_dir, s)).st_mtime_ns for s in kept} == kept  # not rewritten
   images2, labels2 = load_npz(result["npz_path"])
@@ -114,7 +117,7 @@ def test_same_seed_same_samples_through_the_object_store_path(first, trained, tm
   gs:// code path (stage locally, then upload / download through epath) on a local folder."""
   _, _, images, labels = first
   monkeypatch.setattr(files, "is_local", lambda path: False)
-  result = sample.run(make_config(), copy_run(trained, tmp_path))
+  result = export.run(make_config(), copy_run(trained, tmp_path))
   assert result["shards_sampled"] == 3
   images2, labels2 = load_npz(result["npz_path"])
   assert np.array_equal(images2, images) and np.array_equal(labels2, labels)
@@ -125,7 +128,7 @@ def test_other_seed_other_samples(first, trained, tmp_path):
   _, _, images, labels = first
   config = make_config(num_samples=8)
   config.seed = 1
-  images_b, labels_b = load_npz(sample.run(config, copy_run(trained, tmp_path))["npz_path"])
+  images_b, labels_b = load_npz(export.run(config, copy_run(trained, tmp_path))["npz_path"])
   assert np.array_equal(labels_b, labels[:8])
   assert np.mean(images_b != images[:8]) > 0.3
 
@@ -135,9 +138,9 @@ def test_changed_settings_do_not_mix_with_old_shards(first):
   config = make_config()
   config.seed = 1
   with pytest.raises(ValueError, match=r"differ in: seed.*delete .*npz"):
-    sample.run(config, workdir)
+    export.run(config, workdir)
   with pytest.raises(ValueError, match=r"differ in: guidance, num_samples"):
-    sample.run(make_config(num_samples=24, guidance=1.0), workdir)
+    export.run(make_config(num_samples=24, guidance=1.0), workdir)
 
 
 # The argument checks come before the checkpoint is read: an empty workdir proves it.
@@ -150,9 +153,45 @@ def test_changed_settings_do_not_mix_with_old_shards(first):
 ])
 def test_bad_arguments(tmp_path, fields, message):
   with pytest.raises(ValueError, match=message):
-    sample.run(make_config(**fields), str(tmp_path))
+    export.run(make_config(**fields), str(tmp_path))
 
 
 def test_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
-    sample.run(make_config(), str(tmp_path))
+    export.run(make_config(), str(tmp_path))
+
+
+# ---- ADM .npz export ----------------------------------------------------------------
+def test_to_uint8_values():
+  x = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0], np.float32)
+  np.testing.assert_array_equal(figures.to_uint8(x), [0, 0, 128, 191, 255, 255])
+  assert figures.to_uint8(jnp.asarray(x)).dtype == np.uint8
+
+
+def test_npz_shards_layout_and_merge(tmp_path):
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+  rgb = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  p1, p2, out = str(tmp_path / "s1.npz"), str(tmp_path / "s2.npz"), str(tmp_path / "all.npz")
+  export.write_npz_shard(p1, gray, np.array([0, 1, 2]))
+  export.write_npz_shard(p2, rgb, np.array([7, 8], np.int32))
+  with np.load(p1) as f:
+    assert sorted(f.files) == ["arr_0", "arr_1"]
+    assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (3, 8, 8, 3)
+    for c in range(3):
+      np.testing.assert_array_equal(f["arr_0"][..., c], gray[..., 0])
+    assert np.issubdtype(f["arr_1"].dtype, np.integer)
+    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2])
+  assert export.merge_npz_shards([p1, p2], out) == 5
+  with np.load(out) as f:
+    assert f["arr_0"].shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(f["arr_0"][3:], rgb)
+    np.testing.assert_array_equal(f["arr_1"], [0, 1, 2, 7, 8])
+  assert sorted(os.listdir(tmp_path)) == ["all.npz", "s1.npz", "s2.npz"]  # no temporary files left
+  with pytest.raises(ValueError, match="uint8"):
+    export.write_npz_shard(p1, gray.astype(np.float32), np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="one per image"):
+    export.write_npz_shard(p1, gray, np.array([0, 1]))
+  export.write_npz_shard(str(tmp_path / "small.npz"), rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8), [0])
+  with pytest.raises(ValueError, match="merge shards of one run"):
+    export.merge_npz_shards([p1, str(tmp_path / "small.npz")], out)
