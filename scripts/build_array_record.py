@@ -30,10 +30,6 @@ Then train with
   --config.data.source=tfds --config.data.path=OUT --config.data.tfds_name=NAME
 (the script prints the exact flags). Building again into the same OUT reuses an
 already prepared dataset; delete OUT/NAME to rebuild.
-
-Public API (for tests): build_imagefolder(root, data_dir, name, channels) and
-build_imagenet_tars(tar_dir, data_dir, val_labels) -> the tfds builder;
-encode_image(data, channels, jpeg_only) -> bytes; main(argv).
 """
 import argparse
 import io

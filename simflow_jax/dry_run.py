@@ -38,13 +38,6 @@ devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), so a laptop prices
 64-chip pod. DRY_RUN_MFU (default 0.4) sets the assumed model FLOP utilisation.
 jax.distributed is never initialised.
 
-Public API:
-  REFERENCE_CHIPS                            {name: Chip(peak_flops, hbm_bytes, usd_per_chip_hour)}
-  StepSpec, abstract_frozen, build_step      re-exported from simflow_jax.train: the step it runs
-  step_flops(config, mesh, lowered=None)     FLOPs of one step (global batch), scan-corrected
-  param_counts(params) -> dict[str, int]     'total', top-level and second-level subtree counts
-  analyze(config, num_devices=None, compile=True, mfu=0.4) -> dict
-  run(config, workdir) -> dict               analyze + WORKDIR/dry_run.json + a logged table
 """
 import dataclasses
 import json

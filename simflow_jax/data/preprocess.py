@@ -2,13 +2,10 @@
 
 One job: turn a stored uint8 image into the model's input. Pure numpy + Pillow.
 
-Public API:
-  center_crop_resize(img, size) -> uint8 (size, size, C)
-      guided-diffusion's `center_crop_arr`: halve with a BOX filter while the
-      short side is >= 2 * size, resize with BICUBIC so the short side == size,
-      then crop the center. An image already (size, size, C) passes unchanged.
-  random_flip(img, rng) -> img flipped left-right with probability 1/2
-  to_float(img) -> float32 in [-1, 1] (uint8 0 -> -1, 255 -> 1); any shape
+Shapes: a stored uint8 image (H, W, C) -> center_crop_resize (guided-diffusion's
+`center_crop_arr`: BOX halvings, then BICUBIC to the short side, then the centre crop)
+-> uint8 (size, size, C) -> optional left-right flip -> to_float: float32 in [-1, 1]
+(uint8 0 -> -1, 255 -> 1).
 """
 import numpy as np
 from PIL import Image

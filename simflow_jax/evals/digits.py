@@ -6,17 +6,9 @@ Frechet distance ("digit FD", the CPU stand-in for FID) and a class accuracy of
 class-conditional samples. Training is deterministic (fixed seed, fixed batch
 order) and takes tens of seconds on 2 CPU cores; the result is cached.
 
-Public API:
-  DigitCNN                                     linen module: images -> (logits, features)
-  DigitClassifier                              params + jitted features()/logits()
-  train_digit_classifier(steps=600, seed=0, batch_size=128, lr=3e-3, max_shift=2)
-                                               -> DigitClassifier
-  get_digit_classifier(cache_dir, steps=600, seed=0) -> DigitClassifier (train once, cache)
-  digit_frechet_distance(clf, images_a, images_b) -> float
-  class_accuracy(clf, images, labels) -> float
-
-Images everywhere are NHWC float in [-1, 1], shaped (N, 32, 32, 1).
-`steps` comes from config.eval.classifier_steps.
+Shapes: images NHWC float in [-1, 1], (N, 32, 32, 1) -> penultimate features (N, 128)
+(the Frechet distance's features) and logits (N, 10). The cache (get_digit_classifier) is
+keyed by (steps, seed); steps come from config.eval.classifier_steps.
 """
 import dataclasses
 import functools

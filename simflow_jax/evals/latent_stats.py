@@ -1,18 +1,13 @@
-"""Latent-space statistics (DESIGN.md section 8, paper Fig. 4): how smooth a latent is.
+"""Latent-space statistics (SimFlow paper, Fig. 4): how smooth a latent is.
 
-The paper's exact formulas are OPEN; the ones used here are stated precisely in
-each docstring. All functions are pure numpy functions of latents shaped
+The paper does not give its exact formulas; the ones used here are stated precisely in
+each docstring and in docs/evaluation.md. All functions are pure numpy functions of latents shaped
 (N, h, w, c) (a jax array is converted with np.asarray), compute the statistic
 PER CHANNEL over all N maps of that channel, then average over channels, and
 return a python float.
 
-Public API:
-  spectral_entropy(latents) -> float
-  high_freq_ratio(latents, cutoff=0.5) -> float
-  total_variation(latents) -> float
-  lag1_autocorrelation(latents) -> float
-  latent_statistics(latents, cutoff=0.5) -> dict of the four, keyed by those names
-  radial_frequency(h, w) -> (h, w) radial frequency of each FFT bin / Nyquist
+latent_statistics(latents) gives all four (spectral_entropy, high_freq_ratio,
+total_variation, lag1_autocorrelation) in one dict.
 
 Degenerate channels: if every map of a channel is spatially constant, the
 channel has no non-DC power and the two spectral statistics are undefined (NaN);

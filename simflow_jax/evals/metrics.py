@@ -1,6 +1,6 @@
 """FID, sFID, Inception Score and precision/recall from Inception features.
 
-One job: the sample-quality numbers of DESIGN.md section 8, computed from the features of
+One job: the sample-quality numbers (docs/evaluation.md), computed from the features of
 `simflow_jax.pretrained.inception` ('pool' (N, 2048), 'spatial' (N, 2023),
 'logits_unbiased' (N, 1008)) with the semantics of the ADM evaluator
 (guided-diffusion/evaluations/evaluator.py). numpy computes the statistics; jax computes
@@ -22,16 +22,8 @@ the blocked k-NN distances of precision/recall (on an accelerator when there is 
   (d^2 <= radius), recall = fraction of real points inside some fake ball. Distances are
   float32 here (ADM tries float16 first, then float32).
 
-Public API:
-  stats(features) -> (mu, sigma)
-  fid_from_stats(mu1, sigma1, mu2, sigma2) -> float
-  inception_score(logits_or_probs, splits=10, *, from_logits=True) -> (mean, std)
-  manifold_radii(features, k=3, batch_size=1000) -> (N,) squared radii
-  precision_recall(real_features, fake_features, k=3, batch_size=1000) -> (precision, recall)
-  ReferenceStats, reference_from_features(features) -> ReferenceStats
-  load_ref_batch(npz_path, feature_fn=None) -> ReferenceStats   (ADM reference batch .npz)
-  write_stats(path, ref), read_stats(path) -> ReferenceStats
-  evaluate_features(sample_features, ref, splits=10, k=3) -> dict of floats
+Reference statistics (ReferenceStats) come from an ADM reference batch .npz (load_ref_batch),
+from real features (reference_from_features), or from a stats file (write_stats / read_stats).
 """
 import dataclasses
 import functools

@@ -1,10 +1,8 @@
 """The PatchGAN discriminator and the hinge losses for the adversarial VAE term.
 
-Public API:
-  PatchDiscriminator(ch=64, n_layers=3)(images) -> logits (B, ceil(H/2**n), ceil(W/2**n), 1), float32.
-  PatchDiscriminator.from_config(config.disc) -> PatchDiscriminator
-  hinge_d_loss(logits_real, logits_fake) -> (B,)   0.5*(mean relu(1 - real) + mean relu(1 + fake))
-  generator_adv_loss(logits_fake) -> (B,)          -mean logits_fake
+Shapes: images (B, H, W, C) in [-1, 1] -> logits (B, ceil(H/2**n), ceil(W/2**n), 1) float32,
+one per patch. Losses per example (B,): the discriminator's hinge loss
+0.5 * (mean relu(1 - real) + mean relu(1 + fake)) and the generator's -mean logits_fake.
 
 The network is taming-transformers' NLayerDiscriminator (4x4 convs, stride 2 for `n_layers`
 layers, LeakyReLU 0.2, width doubling capped at 8*ch, a stride-1 conv, then a 1-channel 4x4 conv

@@ -1,4 +1,4 @@
-"""REPA / REPA-E representation alignment: projector, token matching, loss (DESIGN.md section 6).
+"""REPA / REPA-E representation alignment: projector, token matching, loss.
 
 One job: map flow hidden states onto frozen-encoder (DINOv2) features and score
 the match. The flow's hidden states at one layer, with the block's permutation
@@ -6,13 +6,10 @@ undone (raster token order), go through `match_tokens` onto the encoder's token
 grid, through `Projector` to the encoder width, and `alignment_loss` compares them
 with the encoder's patch tokens.
 
-Public API:
-  Projector(hidden=2048, out_dim=768)     3-layer MLP with SiLU (REPA's build_mlp):
-                                          (..., width) -> (..., out_dim).
-  alignment_loss(projected, target) -> (B,)
-                                          minus the token-mean cosine similarity.
-  match_tokens(hidden, flow_grid_hw, target_grid_hw) -> (B, th*tw, C)
-                                          resamples raster-ordered tokens onto another grid.
+Shapes: flow hidden states (B, T, width) in raster order on an (h, w) token grid ->
+match_tokens -> (B, th*tw, width) on the encoder's grid -> Projector (a 3-layer SiLU MLP,
+REPA's build_mlp) -> (B, th*tw, out_dim); alignment_loss against the encoder's patch tokens
+(B, th*tw, out_dim) is minus the token-mean cosine similarity, per example (B,).
 """
 from typing import Any
 

@@ -1,17 +1,10 @@
-"""The LDM-style convolutional VAE (DESIGN.md section 3), NHWC, any number of image channels.
+"""The LDM-style convolutional VAE of SimFlow (arXiv 2512.04084), NHWC, any number of channels.
 
-Public API:
-  Posterior                            mu (B, h, w, c) float32; logvar array, or None in fixed modes.
-  sample_latents(posterior, rng, sigma_bar) -> latents (B, h, w, c), float32, differentiable in mu.
-  VAE(ch, ch_mult, num_res_blocks, attn_mid, z_channels, out_channels,
-      posterior='fixed', sigma_bar=0.5, dtype=jnp.float32)
-    .encode(images) -> Posterior       images (B, H, W, C) in [-1, 1]; H, W divisible by f.
-    .decode(latents) -> images         (B, H, W, out_channels) float32, unbounded (no tanh).
-    .__call__(images, rng) -> (recon, posterior, latents)
-    .downsample_factor                 f = 2 ** (len(ch_mult) - 1).
-    VAE.from_config(config.vae, image_channels) -> VAE
-  PRESETS                              name -> VAE kwargs (use as VAE(**PRESETS[n], out_channels=C)).
-  group_norm(channels, dtype, name)    GroupNorm with min(32, channels) groups dividing `channels`.
+SimFlow's change to the VAE: the encoder predicts only the posterior mean, and the latent fed
+to the decoder and to the flow is x = mu + sigma_bar * eps with a FIXED sigma_bar.
+Shapes: images (B, H, W, C) in [-1, 1] (H, W divisible by f = 2 ** (len(ch_mult) - 1)) ->
+mu, latents (B, H/f, W/f, z_channels) float32 -> decoded images (B, H, W, out_channels)
+float32, unbounded (no tanh). PRESETS holds named sizes (VAE(**PRESETS[n], out_channels=C)).
 
 Parameters live under params['encoder'] and params['decoder'] (the trainer freezes them by those
 names). Posterior modes: 'fixed' (SimFlow: the encoder predicts mu only, latents = mu + sigma_bar*eps),
@@ -50,6 +43,7 @@ def sample_latents(posterior: Posterior, rng: jax.Array, sigma_bar: float) -> ja
 
 
 def group_norm(channels: int, dtype: Any, name: str) -> nn.GroupNorm:
+  """GroupNorm with the largest group count <= 32 that divides `channels` (epsilon 1e-6)."""
   groups = next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
   return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
 

@@ -1,4 +1,4 @@
-"""A Flax (linen) DINOv2 ViT: the frozen feature encoder of REPA / REPA-E (DESIGN.md section 6).
+"""A Flax (linen) DINOv2 ViT: the frozen feature encoder of REPA / REPA-E.
 
 One job: turn images into DINOv2's normalised patch tokens. The architecture is
 the plain DINOv2 release (facebookresearch/dinov2 torch hub `dinov2_vit{s,b,l}14`,
@@ -9,24 +9,12 @@ GELU MLP, and a final LayerNorm. The release checkpoints have no register tokens
 (those are the separate `*_reg` models, not supported here); their `mask_token`
 is only used by the pre-training masking and is dropped by the converter.
 
-Public API:
-  PRESETS                       name -> DinoV2 keyword arguments
-                                ('dinov2_s14', 'dinov2_b14', 'dinov2_l14', 'tiny').
-  DinoV2                        the module; `DinoV2(**PRESETS[name])(x)` with x the
-                                output of `preprocess`, (B, H, W, 3), H and W
-                                multiples of 14 -> patch tokens (B, H/14 * W/14, dim),
-                                raster order; (tokens, cls) with `return_cls=True`.
-  make_dinov2(preset, **overrides) -> DinoV2
-  preprocess(images, size=224)  [-1, 1] NHWC images (1 or 3 channels) -> ImageNet
-                                normalised (B, size, size, 3).
-  resize_bicubic_torch(x, out_hw, scale_factors=None)
-                                PyTorch's `F.interpolate(mode='bicubic',
-                                align_corners=False, antialias=False)` on NHWC arrays.
-  interpolate_pos_embed(pos_embed, grid_hw, interpolate_offset=0.0)
-                                the position-embedding resize of the two references.
-  load_dinov2_params(path, preset) -> params   (converted msgpack, shape-checked)
-  init_random_dinov2_params(rng, preset) -> params   (random weights: tests, CPU demo)
-  check_params(params, preset)  raises ValueError when a tree does not fit a preset.
+Shapes: `preprocess` maps [-1, 1] NHWC images (1 or 3 channels) to ImageNet-normalised
+(B, size, size, 3); `DinoV2(**PRESETS[name])` maps (B, H, W, 3), H and W multiples of 14,
+to patch tokens (B, H/14 * W/14, dim) in raster order (and the cls token with
+return_cls=True). Presets: 'dinov2_s14', 'dinov2_b14', 'dinov2_l14', and 'tiny' (tests,
+CPU demo, random weights). Bicubic resizing follows PyTorch's F.interpolate(mode='bicubic',
+align_corners=False, antialias=False), as the references do for the position embedding.
 
 Params are the inner 'params' collection: `model.apply({'params': params}, x)`.
 Weights files come from scripts/convert_dinov2.py.

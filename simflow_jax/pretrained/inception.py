@@ -25,14 +25,8 @@ Parameters use the PyTorch state_dict names (`Mixed_6d/branch1x1/conv/kernel`, .
 Each BatchNorm is stored folded into a per-channel affine map:
   scale = gamma / sqrt(running_var + 1e-3),  bias = beta - running_mean * scale.
 
-Public API:
-  InceptionV3                      the linen module (field `precision`, default HIGHEST).
-  resize_bilinear_tf1(images, size)
-  load_inception_params(path)      reads the msgpack written by scripts/convert_inception.py.
-  check_inception_params(params)   raises ValueError on a tree that does not fit the module.
-  make_feature_fn(params, batch_size) -> fn(images (N, H, W, C) in [0, 255]) -> dict of numpy.
-  to_inception_range(images)       [-1, 1] images -> [0, 255], rounded like a uint8 export.
-  FEATURE_KEYS, WEIGHTS_FILENAME, WEIGHTS_URLS, BN_EPS
+Weights: scripts/convert_inception.py writes the msgpack that load_inception_params reads;
+`to_inception_range` turns [-1, 1] images into the [0, 255] values of a uint8 export.
 """
 import functools
 import os

