@@ -69,7 +69,6 @@ PERIODIC_NUM_REAL = 1000         # ... and eval-split digits of the reference
 PERIODIC_BPD_BATCHES = 4         # periodic bits/dim: eval batches of data.batch_size
 
 
-
 # ------------------------------------------------------------------------------------
 # Encoder / decoder passes (jitted; batch-parallel on the mesh).
 # ------------------------------------------------------------------------------------
@@ -123,6 +122,8 @@ def _spread_indices(total: int, count: int) -> np.ndarray:
   if total <= count:
     return np.arange(total)
   return np.unique(np.round(np.linspace(0, total - 1, count)).astype(np.int64))
+
+
 def _eval_split_pass(models, params, config, mesh, num_examples: Optional[int],
                      evaluator) -> dict:
   """One masked pass over the eval split: bits/dim, reconstructions, latents, and the
