@@ -134,7 +134,7 @@ def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
   path = epath.Path(workdir) / "samples" / f"grid_{step:08d}.png"
   if jax.process_index() == 0:
     files.write_atomic(path, lambda tmp: figures.save_image_grid(images, tmp,
-                                                                   nrow=config.train.grid_per_class))
+                                                                nrow=config.train.grid_per_class))
     writer.write_images(step, {"samples": ((images + 1) / 2).clip(0, 1)})
   return str(path)
 
