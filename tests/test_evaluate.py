@@ -184,6 +184,7 @@ def test_periodic_bits_per_dim_are_the_likelihood_numbers(trained):
     assert np.isfinite(out["eval/" + key]) and out["eval/" + key] == pytest.approx(direct[key], rel=1e-6)
 
 
+@pytest.mark.slow  # a 4-step tiny training run of its own (tens of seconds on 2 cores)
 def test_eval_every_logs_digit_metrics(tmp_path, monkeypatch):
   """train.eval_every=2 in a 4-step tiny run: the digit metrics of guided samples are logged at
   steps 2 and 4, the classifier is trained once and cached in WORKDIR/eval/digit_classifier."""
