@@ -1,0 +1,278 @@
+"""main.py end to end, in subprocesses: SIGINT / SIGTERM stop training with a checkpoint that
+resumes bit-exactly, a second signal exits at once, a refused resume changes no file, user
+errors are one line with exit code 2, a corrupt checkpoint gets advice in --mode=sample too.
+
+Every subprocess shares one persistent JAX compilation cache: the uninterrupted reference run
+compiles the tiny model once, the others load it. A signalled run is paused at a known batch
+(a driver wraps sharding.global_batch to wait for a line on stdin), so the signal arrives
+during a known step, whatever the load of the machine.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900
+
+# The driver: main.py, with the `pause_at`-th batch of the run waiting for a line on stdin
+# after printing PAUSED to stderr.
+DRIVER = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import main
+from simflow_jax import sharding
+pause_at, calls, real = int(sys.argv.pop(1)), [0], sharding.global_batch
+def global_batch(*args, **kwargs):
+  calls[0] += 1
+  if calls[0] == pause_at:
+    print("PAUSED", file=sys.stderr, flush=True)
+    sys.stdin.readline()
+  return real(*args, **kwargs)
+sharding.global_batch = global_batch
+main.run()
+"""
+
+
+def _env(cache) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _main(args, env, cwd=ROOT) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], env=env, cwd=cwd,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        timeout=TIMEOUT_S, check=False)
+
+
+def _signalled(args, env, pause_at: int, signals, release: bool = True):
+  """Runs main.py paused at its `pause_at`-th batch, sends `signals` one by one (each after
+  the previous one was acknowledged), then lets the step finish. Returns (returncode, stderr)."""
+  proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(pause_at), *args], env=env, cwd=ROOT,
+                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  watchdog = threading.Timer(TIMEOUT_S, proc.kill)
+  watchdog.start()
+  lines = []
+  try:
+    def read_until(marker):
+      for line in proc.stderr:
+        lines.append(line)
+        if marker in line:
+          return
+      raise AssertionError(f"no {marker!r} in the output:\n{''.join(lines[-30:])}")
+    read_until("PAUSED")
+    for sig in signals:
+      proc.send_signal(sig)
+      read_until(f"{signal.Signals(sig).name} received")
+    if release:
+      proc.stdin.write("\n")
+      proc.stdin.flush()
+    lines.append(proc.stderr.read())
+    proc.wait()
+  finally:
+    watchdog.cancel()
+    proc.kill()
+    proc.wait()
+  return proc.returncode, "".join(lines)
+
+
+def _last_line(stderr: str) -> str:
+  return stderr.strip().splitlines()[-1]
+
+
+def _digest(folder) -> dict:
+  """{relative path: sha256 (files) or 'dir'} of everything under folder."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(folder):
+    for name in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, name), folder)] = "dir"
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _rows(workdir) -> list:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _steps(workdir) -> list:
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def make_folder(root) -> str:
+  """ImageFolder train/<c0, c1>/ with 6 readable 32x32 grayscale images each, a truncated JPEG
+  and a text file named fake.jpg."""
+  rng = np.random.default_rng(0)
+  for c in ("c0", "c1"):
+    os.makedirs(os.path.join(root, "train", c))
+    for i in range(6):
+      Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(
+          os.path.join(root, "train", c, f"{i}.png"))
+  jpeg = os.path.join(root, "train", "c0", "truncated.jpg")
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, quality=95)
+  with open(jpeg, "rb") as f:
+    data = f.read()
+  with open(jpeg, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with open(os.path.join(root, "train", "c1", "fake.jpg"), "w") as f:
+    f.write("not an image\n")
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """An uninterrupted 6-step run, and the same run stopped by SIGINT after step 2, resumed,
+  stopped by SIGTERM after step 4, and resumed to the end; on an ImageFolder with two
+  unreadable files, skipped."""
+  base = tmp_path_factory.mktemp("main_cli")
+  env = _env(base / "jax_cache")
+  folder = make_folder(base / "images")
+  args = ["--config=configs/tiny.py", "--config.train.num_steps=6", "--config.train.log_every=1",
+          "--config.train.ckpt_every=100", "--config.train.async_ckpt=True",
+          "--config.data.source=imagefolder", f"--config.data.path={folder}",
+          "--config.data.skip_unreadable=True"]
+  out = {"base": base, "env": env, "args": args, "ref": str(base / "ref"),
+         "stopped": str(base / "stopped")}
+  ref = _main(args + [f"--workdir={out['ref']}"], env)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  out["ref_stderr"] = ref.stderr
+  stopped = args + [f"--workdir={out['stopped']}"]
+  out["sigint"] = _signalled(stopped, env, 2, [signal.SIGINT])
+  out["after_sigint"] = _steps(out["stopped"])
+  out["sigterm"] = _signalled(stopped, env, 2, [signal.SIGTERM])
+  out["after_sigterm"] = _steps(out["stopped"])
+  last = _main(stopped, env)
+  assert last.returncode == 0, last.stderr[-3000:]
+  return out
+
+
+def test_signals_save_a_checkpoint_that_resumes_bit_exactly(runs):
+  code, stderr = runs["sigint"]
+  ckpts = os.path.join(runs["stopped"], "checkpoints")
+  assert code == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  assert _last_line(stderr) == (f"Interrupted by SIGINT at step 2: checkpoint 2 saved in {ckpts}; "
+                                "rerun the same command to resume.")
+  assert runs["after_sigint"] == [2]
+  code, stderr = runs["sigterm"]
+  assert code == 143, stderr[-3000:]
+  assert _last_line(stderr).startswith("Interrupted by SIGTERM at step 4: checkpoint 4 saved")
+  assert runs["after_sigint"] == [2] and runs["after_sigterm"] == [2, 4]
+
+  ref, got = _rows(runs["ref"]), _rows(runs["stopped"])
+  assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # one row per step
+  timing = ("steps_per_sec", "images_per_sec")
+  for r, g in zip(ref, got):
+    assert {k: v for k, v in r.items() if k not in timing} == {k: v for k, v in g.items() if k not in timing}
+
+  from configs import tiny
+  from simflow_jax import checkpoint
+  config = tiny.get_config()
+  for use_ema in (False, True):
+    a = checkpoint.load_params(runs["ref"], config, use_ema=use_ema)
+    b = checkpoint.load_params(runs["stopped"], config, use_ema=use_ema)
+    for x, y in zip(*(jax_leaves(t) for t in (a, b)), strict=True):
+      np.testing.assert_array_equal(x, y)
+  grid = os.path.join("samples", "grid_00000006.png")
+  with open(os.path.join(runs["ref"], grid), "rb") as f, open(os.path.join(runs["stopped"], grid), "rb") as g:
+    assert f.read() == g.read()
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_unreadable_images_are_skipped_and_counted(runs):
+  log = runs["ref_stderr"]
+  assert "skipped" in log and "truncated.jpg" in log and "fake.jpg" in log
+  assert "2 unreadable file(s) skipped so far" in log
+  assert log.count("data.skip_unreadable: skipped") == 2  # each file logged once, every epoch skips it
+
+
+def test_a_second_signal_exits_at_once(runs, tmp_path):
+  workdir = str(tmp_path / "run")
+  code, stderr = _signalled(runs["args"] + [f"--workdir={workdir}"], runs["env"], 1,
+                            [signal.SIGINT, signal.SIGINT], release=False)
+  assert code == -signal.SIGINT, stderr[-3000:]
+  assert "SIGINT again: exiting now without saving" in stderr
+  assert _steps(workdir) == []
+
+
+def test_a_refused_resume_changes_no_file(runs):
+  before = _digest(runs["ref"])
+  result = _main(runs["args"] + [f"--workdir={runs['ref']}", "--config.flow.width=48"], runs["env"])
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  line = _last_line(result.stderr)
+  assert line.startswith("Error: Checkpoint ") and "different model config (differs in: flow)" in line
+  assert _digest(runs["ref"]) == before
+
+
+def test_corrupt_checkpoint_gets_advice_in_every_mode(runs, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(runs["stopped"], workdir)
+  assert _steps(workdir) == [2, 4, 6]
+  for dirpath, _, filenames in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
+    for name in filenames:
+      if "ocdbt" in dirpath or os.sep + "d" in dirpath:  # the array data: cut in half
+        path = os.path.join(dirpath, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+  folder = os.path.join(workdir, "checkpoints", "6")
+  want = (f"Checkpoint {folder} is unreadable", f"mv {folder} {folder}.corrupt",
+          "continues from step 4, the newest older checkpoint")
+  result = _main(runs["args"] + [f"--workdir={workdir}", "--mode=sample"], runs["env"])
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert all(w in _last_line(result.stderr) for w in want), _last_line(result.stderr)
+
+  from configs import tiny  # training gives the same advice (restore fails before any compile)
+  from simflow_jax import checkpoint, train
+  config = tiny.get_config()
+  with config.unlocked():
+    config.data.source, config.data.path = "imagefolder", os.path.join(runs["base"], "images")
+    config.data.skip_unreadable = True
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train_and_evaluate(config, workdir)
+  assert all(w in str(error.value) for w in want)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(runs, tmp_path):
+  result = _main(["--config=configs/tiny.py", "--config.train.num_stepz=3"], runs["env"])
+  assert result.returncode == 2
+  assert result.stderr.strip() == ('Error: --config.train.num_stepz: no such config field '
+                                   '(configs/base.py lists them all). Did you mean "num_steps" '
+                                   'instead of "num_stepz"?')
+  result = _main(["--config=configs/missing.py"], runs["env"], cwd=tmp_path)
+  assert result.returncode == 2 and result.stderr.startswith("Error: --config=configs/missing.py: no file")
+  assert len(result.stderr.strip().splitlines()) == 1
+  # From another directory, the config path is found in the repository; a bad value is
+  # refused before the first step, naming the field, and nothing is written.
+  workdir = tmp_path / "w"
+  result = _main(["--config=configs/tiny.py", "--config.train.grid_classes=(3,12)",
+                  f"--workdir={workdir}"], runs["env"], cwd=tmp_path)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert _last_line(result.stderr) == ("Error: config.train.grid_classes=(3, 12): class ids [12] are "
+                                       "outside [0, 10); use ids 0..9 (the null class 10 is reserved "
+                                       "for guidance).")
+  assert not workdir.exists()
+
+
+def test_default_workdir_is_named_after_the_config():
+  sys.path.insert(0, ROOT)
+  import main
+  assert main.default_workdir(os.path.join(ROOT, "configs", "demo.py")) == "/tmp/simflow_demo"
+  assert main.default_workdir("configs/imagenet256.py:learned_variance") == \
+      "/tmp/simflow_imagenet256_learned_variance"
