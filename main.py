@@ -128,8 +128,10 @@ def _is_user_error(e: BaseException, types: tuple) -> bool:
   in our code, are bugs and keep their traceback."""
   if not isinstance(e, types) or e.__traceback__ is None:
     return False
+  import simflow_jax  # its folder: this repository, or site-packages when installed
+  roots = (REPO + os.sep, os.path.dirname(os.path.abspath(simflow_jax.__file__)) + os.sep)
   frame = traceback.extract_tb(e.__traceback__)[-1]
-  ours = os.path.abspath(frame.filename).startswith(REPO + os.sep)
+  ours = os.path.abspath(frame.filename).startswith(roots)
   return ours and (frame.line or "").lstrip().startswith("raise ")
 
 
