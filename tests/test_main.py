@@ -112,6 +112,16 @@ def _steps(workdir) -> list:
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
+# configs/tiny.py made smaller still (one VAE downsampling, one flow block, 16x16 images):
+# fewer ops, a shorter compile. Fields of the model-shaping config, so in-process configs match.
+SMALLER = {"data.image_size": 16, "vae.ch_mult": (1, 2), "flow.layers": (1,), "train.num_steps": 6}
+
+
+def _smaller_args() -> list:
+  return [f"--config.{k}={v}" if not isinstance(v, tuple) else f"--config.{k}={v!r}"
+          for k, v in SMALLER.items()]
+
+
 def make_folder(root) -> str:
   """ImageFolder train/<c0, c1>/ with 6 readable 32x32 grayscale images each, a truncated JPEG
   and a text file named fake.jpg."""
@@ -141,7 +151,7 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("main_cli")
   env = _env(base / "jax_cache")
   folder = make_folder(base / "images")
-  args = ["--config=configs/tiny.py", "--config.train.num_steps=6", "--config.train.log_every=1",
+  args = ["--config=configs/tiny.py", *_smaller_args(), "--config.train.log_every=1",
           "--config.train.async_ckpt=True", "--config.data.source=imagefolder",
           f"--config.data.path={folder}", "--config.data.skip_unreadable=True"]
   out = {"base": base, "env": env, "args": args, "ref": str(base / "ref"),
@@ -241,7 +251,9 @@ def _config(runs, **fields):
   with config.unlocked():
     config.data.source, config.data.path = "imagefolder", os.path.join(runs["base"], "images")
     config.data.skip_unreadable = True
-    config.train.num_steps = 6
+    for key, value in SMALLER.items():
+      section, name = key.split(".")
+      config[section][name] = value
     for key, value in fields.items():
       section, name = key.split("__")
       config[section][name] = value
