@@ -24,9 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900
 
 # The driver: main.py, with the `pause_at`-th batch of the run waiting for a line on stdin
-# after printing PAUSED to stderr.
+# after printing PAUSED to stderr. It polls: the kernel may deliver a signal to any thread, and
+# Python runs the handler only once the main thread executes bytecode again.
 DRIVER = f"""
-import sys
+import select, sys
 sys.path.insert(0, {ROOT!r})
 import main
 from simflow_jax import sharding
@@ -35,6 +36,8 @@ def global_batch(*args, **kwargs):
   calls[0] += 1
   if calls[0] == pause_at:
     print("PAUSED", file=sys.stderr, flush=True)
+    while not select.select([sys.stdin], [], [], 0.05)[0]:
+      pass
     sys.stdin.readline()
   return real(*args, **kwargs)
 sharding.global_batch = global_batch
