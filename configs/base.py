@@ -27,6 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.num_val = 500             # mnist5k: fixed held-out images (50 per class)
   d.worker_count = 0          # grain worker processes (0 = in-process)
   d.batch_size = 64           # GLOBAL batch size, split over data-parallel devices
+  d.skip_unreadable = False   # imagefolder: skip files that cannot be decoded (logged, counted)
 
   # ---- VAE (DESIGN.md section 3) -------------------------------------------------
   c.vae = v = ml_collections.ConfigDict()

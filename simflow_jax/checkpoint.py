@@ -11,6 +11,7 @@ Public API:
     .latest_step() -> int | None
     .save(step, state, data_iterator, force=False)   (data_iterator may be None)
     .restore(abstract_state, data_iterator, step=None) -> state   (shardings from abstract)
+    .unreadable(step, error) -> CheckpointError   (what to move away, which older step remains)
     .wait() / .close()
   load_params(workdir, config, use_ema=True) -> {'vae', 'flow', ...}   for sampling/eval
   CheckpointError                                 the clear error
@@ -75,14 +76,22 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
 
+  def unreadable(self, step: int, error: Exception) -> CheckpointError:
+    """The error for a checkpoint that cannot be read: what to move away, what remains."""
+    folder = self.directory / str(step)
+    older = sorted((s for s in self.manager.all_steps() if s < step), reverse=True)
+    then = (f"the run then continues from step {older[0]}, the newest older checkpoint"
+            if older else "there is no older checkpoint: the run then starts from step 0")
+    detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return CheckpointError(
+        f"Checkpoint {folder} is unreadable ({detail}). It is partial or corrupt: move that step "
+        f"folder away (mv {folder} {folder}.corrupt) and rerun; {then}. Or use a fresh --workdir.")
+
   def _check_meta(self, step: int) -> None:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
-      raise CheckpointError(
-          f"Checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e}). "
-          "It may be partial or corrupt: move that step directory away to resume from an earlier "
-          "step, or use a fresh --workdir.") from e
+      raise self.unreadable(step, e) from e
     fp = fingerprint(self.config)
     if meta.get("digest") != _digest(fp):
       diffs = [k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k]]
@@ -101,11 +110,8 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(
-          f"Could not restore checkpoint {self.directory / str(step)} "
-          f"({type(e).__name__}: {e}). It is corrupt or from an incompatible version: move it away "
-          "to resume from an earlier step, or use a fresh --workdir.") from e
+    except Exception as e:  # noqa: BLE001 - corrupt, partial, or from an incompatible version
+      raise self.unreadable(step, e) from e
     return restored["state"]
 
   def wait(self) -> None:
@@ -130,8 +136,8 @@ def load_params(workdir: str, config, use_ema: bool = True) -> dict:
   ckpt._check_meta(step)
   try:
     raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"Could not read checkpoint {path / str(step)}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - corrupt or partial: the same advice training gives
+    raise ckpt.unreadable(step, e) from e
   ckpt.close()
   tree = raw["ema"] if use_ema else {k: v for k, v in raw["params"].items() if k != "disc"}
   models = build.build_models(config)

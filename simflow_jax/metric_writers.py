@@ -5,6 +5,7 @@
 
   metrics.jsonl                 one JSON object per `write_scalars` call:
                                 {"step": 100, "loss": 0.25, ...}
+                                (`drop_rows_after=S` first removes rows of steps > S)
   events.out.tfevents.*         TensorBoard event file (scalars, images, hparams),
                                 framed and CRC'd as TensorBoard expects, built from
                                 the protos that ship with tensorboardX
@@ -13,7 +14,7 @@
 
 Public API:
 
-  MetricWriter(logdir, *, just_logging=False, flush_secs=60.0)
+  MetricWriter(logdir, *, just_logging=False, flush_secs=60.0, drop_rows_after=None)
     .write_scalars(step, {name: number})
     .write_images(step, {name: (H, W, C) or (N, H, W, C) uint8 / float in [0, 1]})
     .write_hparams({name: value, nested dicts or a ConfigDict})
@@ -28,9 +29,11 @@ when gcsfs is installed. Object stores cannot append: for such paths each
 append-only file is kept in memory and re-uploaded whole on `flush()`, and on a
 write once `flush_secs` seconds have passed since the last upload; an existing
 metrics.jsonl is read back first, so a run resumed after a preemption keeps its earlier rows.
-Local files are appended to and flushed on every write. After a resume, steps
-between the last checkpoint and the preemption appear twice in metrics.jsonl:
-readers should keep the last row per step.
+Local files are appended to and flushed on every write. A run resumed from the
+checkpoint of step S passes `drop_rows_after=S`: the rows of steps after S (logged
+before a preemption, then replayed) are removed first (the file is rewritten
+atomically), so metrics.jsonl keeps one row per step. TensorBoard event files
+keep both; TensorBoard itself discards the older events of a step that goes back.
 """
 import io
 import itertools
@@ -49,6 +52,8 @@ from PIL import Image
 from tensorboardX import summary as tbx_summary
 from tensorboardX.proto import event_pb2, summary_pb2
 from tensorboardX.record_writer import masked_crc32c
+
+from simflow_jax import files
 
 _WRITER_IDS = itertools.count()
 
@@ -108,6 +113,26 @@ class _RewriteFile:
 
 def _open_append(path: epath.Path, flush_secs: float):
   return _RewriteFile(path, flush_secs) if _is_remote(path) else _LocalAppendFile(path)
+
+
+def _drop_rows_after(path: epath.Path, step: int) -> int:
+  """Removes the rows with "step" > step from a metrics.jsonl (atomic rewrite); returns how
+  many. A torn last line (a run killed while writing it) goes too."""
+  if not path.exists():
+    return 0
+  lines = path.read_bytes().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get("step", 0) <= step:
+      kept.append(line if line.endswith(b"\n") else line + b"\n")
+  if len(kept) != len(lines):
+    data = b"".join(kept)
+    files.write_atomic(path, lambda tmp: epath.Path(tmp).write_bytes(data))
+  return len(lines) - len(kept)
 
 
 def _record(data: bytes) -> bytes:
@@ -176,7 +201,7 @@ class MetricWriter:
   """Writes scalars (JSONL + TensorBoard), images (PNG + TensorBoard) and hparams."""
 
   def __init__(self, logdir: str | os.PathLike, *, just_logging: bool = False,
-               flush_secs: float = 60.0):
+               flush_secs: float = 60.0, drop_rows_after: int | None = None):
     self.logdir = epath.Path(logdir)
     self.just_logging = just_logging
     self._closed = False
@@ -185,6 +210,11 @@ class MetricWriter:
       self._jsonl = self._events = None
       return
     self.logdir.mkdir(parents=True, exist_ok=True)
+    if drop_rows_after is not None:
+      dropped = _drop_rows_after(self.logdir / "metrics.jsonl", int(drop_rows_after))
+      if dropped:
+        logging.info("metrics.jsonl: dropped %d rows after step %d (logged before the run "
+                     "stopped, replayed now)", dropped, drop_rows_after)
     self._jsonl = _open_append(self.logdir / "metrics.jsonl", flush_secs)
     event_name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
                   f".{os.getpid()}.{next(_WRITER_IDS)}")

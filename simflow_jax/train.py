@@ -1,11 +1,13 @@
 """The training loop: mesh, sharded init, jitted step, checkpoints, logging, sample grids.
 
 `train_and_evaluate(config, workdir)` is the whole job of `main.py --mode=train`:
-  1. validate the config, save it resolved to WORKDIR/config.json;
+  1. validate the config;
   2. build the mesh and the models; create the train state already sharded
      (eval_shape -> shardings -> jit(init, out_shardings)), or restore the latest
      checkpoint in WORKDIR (state, EMA, optimiser, step and data position), so a
-     preempted run continues exactly where it stopped;
+     preempted run continues exactly where it stopped. Only once the checkpoint
+     has accepted the config is anything in WORKDIR written: config.json (atomically),
+     and metrics.jsonl loses the rows of steps after the restored one;
   3. run the jitted, state-donating train step; metrics stay on device and are
      summed there, fetched only every `train.log_every` steps (JSONL + TensorBoard +
      console with steps/s and ETA);
@@ -13,11 +15,16 @@
      a NaN/inf loss stops the run with its step, the last good checkpoint kept);
   5. write a class-conditional sample grid every `train.sample_every` steps and at the end;
      every `train.eval_every` steps (0 = never) log evaluate.make_periodic_eval's metrics.
-Returns the last logged metrics (a dict of floats).
+SIGINT / SIGTERM (Ctrl-C, a preemption notice) make the loop stop after the current
+step, save a checkpoint there and raise `Interrupted`; a second signal ends the
+process at once. Returns the last logged metrics (a dict of floats).
 """
 import dataclasses
 import functools
 import json
+import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -36,6 +43,50 @@ from simflow_jax.pretrained import dinov2, lpips
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Interrupted(Exception):
+  """Training stopped by a signal after saving a checkpoint; `signum` is the signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopOnSignal:
+  """SIGINT / SIGTERM handlers for the training loop (main thread only; the previous
+  handlers come back on exit). The first signal only sets `signum`, which the loop checks
+  after each step: nothing is raised inside whatever code the signal interrupts (XLA
+  callbacks swallow a KeyboardInterrupt). A second signal ends the process at once with
+  the default action of that signal."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.signum is not None:  # the second signal: stop now, without saving
+      os.write(2, f"{name} again: exiting now without saving; the last saved checkpoint is "
+                  "kept.\n".encode())
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    os.write(2, f"{name} received: stopping after the current step to save a checkpoint "
+                f"(send {name} again to exit at once without saving).\n".encode())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +191,11 @@ def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
 
 
 def _save_config(config, workdir) -> None:
+  """WORKDIR/config.json, complete or not at all; written once the checkpoint accepted the config."""
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    files.write_atomic(epath.Path(workdir) / "config.json",
+                       lambda tmp: epath.Path(tmp).write_text(text))
 
 
 def _load_frozen_vae(state, config, models):
@@ -165,7 +217,6 @@ def _vae_source_config(config):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   build.validate_config(config)
-  _save_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   spec = build_step(config, mesh)
   models, t = spec.models, config.train
@@ -176,7 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir, config)
   start = ckpt.latest_step()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), _StopOnSignal() as stop:
     if start is None:
       state = spec.create_state(rng)
       if t.variant in ("frozen_vae", "frozen_encoder"):
@@ -185,11 +236,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
       state = ckpt.restore(spec.state, data_iter)
       logging.info("Resumed from checkpoint at step %d in %s", start, workdir)
+    _save_config(config, workdir)  # the checkpoint (if any) accepted the config
 
     n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in spec.state.params.items()}
     logging.info("Parameters: %s; mesh %s; %d steps, global batch %d", n_params, dict(mesh.shape),
                  t.num_steps, config.data.batch_size)
-    writer = metric_writers.MetricWriter(workdir, just_logging=jax.process_index() > 0)
+    writer = metric_writers.MetricWriter(workdir, just_logging=jax.process_index() > 0,
+                                         drop_rows_after=start)
     if start == 0:
       writer.write_hparams(config)
 
@@ -199,7 +252,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     periodic_eval = evaluate.make_periodic_eval(config, models, mesh, workdir) if t.eval_every else None
 
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
+    done, metrics = start, None
     for step in range(start, t.num_steps):
+      if _stop_requested(stop, done, t.log_every):
+        _stop(stop, ckpt, done, state, data_iter, metrics, workdir, writer)
       batch = sharding.global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch, frozen)
       acc = metrics if acc is None else add(acc, metrics)
@@ -233,6 +289,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if start < t.num_steps or ckpt.latest_step() != t.num_steps:
       _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,
                     workdir, force=True)
+    if _stop_requested(stop, 0, 1):  # arrived after the last step: the final checkpoint is saved
+      _stop(stop, ckpt, t.num_steps, state, data_iter, None, workdir, writer)
     grid = write_sample_grid(sample_fn, config, state.ema, t.num_steps, workdir, writer)
     last["grid_path"] = grid
     ckpt.wait()
@@ -240,6 +298,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   logging.info("Done: %d steps; sample grid %s", t.num_steps, grid)
   return last
+
+
+def _stop_requested(stop, done: int, log_every: int) -> bool:
+  """Whether to stop before the next step. Multi-host runs agree on it at logging steps
+  (one host may get the signal a step later than another; all must stop together)."""
+  if jax.process_count() == 1:
+    return stop.signum is not None
+  if done % log_every:
+    return False
+  from jax.experimental import multihost_utils  # local: a collective only multi-host runs need
+  signum = int(np.max(multihost_utils.process_allgather(np.int32(stop.signum or 0))))
+  if signum and stop.signum is None:
+    stop.signum = signum
+  return bool(signum)
+
+
+def _stop(stop, ckpt, done, state, data_iter, metrics, workdir, writer):
+  """Saves step `done` (unless saved already), waits for the save and raises Interrupted."""
+  ckpt.wait()
+  if done > 0 and ckpt.latest_step() != done:
+    _save_checked(ckpt, done, state, data_iter, metrics, workdir, force=True)
+    ckpt.wait()
+  saved = ckpt.latest_step()
+  ckpt.close()
+  writer.close()
+  name = signal.Signals(stop.signum).name
+  if saved is None:
+    raise Interrupted(f"Interrupted by {name} before the first step: no checkpoint to save; "
+                      "rerun the same command to start again.", stop.signum)
+  raise Interrupted(f"Interrupted by {name} at step {done}: checkpoint {saved} saved in "
+                    f"{ckpt.directory}; rerun the same command to resume.", stop.signum)
 
 
 def _save_checked(ckpt, step, state, data_iter, metrics, workdir, force=False):

@@ -7,6 +7,8 @@ import importlib.util
 import io
 import os
 import pathlib
+import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -366,3 +368,45 @@ def test_clear_errors(folder, tmp_path):
     pipeline.make_train_loader(data_cfg(batch_size=10), seed=0, process_index=0, process_count=4)
   with pytest.raises(ValueError, match="has 500"):
     pipeline.make_eval_loader(data_cfg(), "validation", 8, num_examples=501)
+
+
+# ---- unreadable files -------------------------------------------------------------------
+
+
+def _unreadable_folder(folder, tmp_path) -> str:
+  """A copy of `folder` plus a truncated JPEG (train/ant) and a text file named fake.jpg (train/bee)."""
+  root = tmp_path / "broken"
+  shutil.copytree(folder, root)
+  jpeg = root / "train" / "ant" / "9_truncated.jpg"
+  pixels = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(jpeg, quality=95)
+  data = jpeg.read_bytes()
+  jpeg.write_bytes(data[:len(data) // 2])
+  (root / "train" / "bee" / "fake.jpg").write_text("not an image\n")
+  return str(root)
+
+
+def test_unreadable_images_are_named_or_skipped(folder, tmp_path, caplog):
+  root = _unreadable_folder(folder, tmp_path)
+  cfg = data_cfg(source="imagefolder", path=root, channels=3, image_size=16, batch_size=17)
+  source = sources.make_source(cfg, "train")
+  for name in ("9_truncated.jpg", "fake.jpg"):
+    path = next(f for f in source.files if f.endswith(name))
+    with pytest.raises(sources.UnreadableImageError, match=re.escape(path) + ".*skip_unreadable"):
+      source[source.files.index(path)]
+  with pytest.raises(sources.UnreadableImageError, match=r"Cannot read image .*(9_truncated|fake)\.jpg"):
+    next(pipeline.make_train_loader(cfg, seed=0))  # through grain's reader threads
+
+  cfg.skip_unreadable = True
+  source = sources.make_source(cfg, "train")
+  bad = source.files.index(next(f for f in source.files if f.endswith("fake.jpg")))
+  record = source[bad]  # the next readable file stands in, with its own label
+  np.testing.assert_array_equal(record["image"], source[bad + 1]["image"])
+  assert record["label"] == source.labels[bad + 1]
+  with caplog.at_level("WARNING"):
+    batches = [next(pipeline.make_train_loader(cfg, seed=0)) for _ in range(2)]
+  assert batches[0]["image"].shape == (17, 16, 16, 3)  # a whole epoch: both files met
+  np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])  # deterministic
+  skipped = [r.getMessage() for r in caplog.records if "skip_unreadable" in r.getMessage()]
+  assert any("9_truncated.jpg" in m for m in skipped) and any("fake.jpg" in m for m in skipped)
+  assert any("2 unreadable file(s) skipped so far" in m for m in skipped)

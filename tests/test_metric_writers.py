@@ -62,6 +62,23 @@ def test_jsonl_appends_across_writers(tmp_path):
   assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_resume_drops_replayed_rows(tmp_path, monkeypatch, remote):
+  """Rows logged after the restored checkpoint (replayed after the resume) are dropped first, a
+  torn last line too: one row per step. `remote` runs the object-store path on a local folder."""
+  monkeypatch.setattr(metric_writers, "_is_remote", lambda path: remote)
+  with MetricWriter(tmp_path) as w:
+    for step in range(1, 6):
+      w.write_scalars(step, {"a": float(step)})
+  with open(tmp_path / "metrics.jsonl", "ab") as f:
+    f.write(b'{"step": 6, "a"')  # a run killed mid-write
+  with MetricWriter(tmp_path, drop_rows_after=3) as w:
+    w.write_scalars(4, {"a": 40.0})
+  assert read_jsonl(tmp_path / "metrics.jsonl") == [
+      {"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 3, "a": 3.0}, {"step": 4, "a": 40.0}]
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
 def test_tensorboard_event_file_contains_scalars(tmp_path):
   w = MetricWriter(tmp_path)
   w.write_scalars(5, {"loss": jnp.float32(1.5), "train/bpd": 3.25})

@@ -79,9 +79,16 @@ def test_smoke_run_resume_equality_and_grid(tmp_path):
   resumed = str(tmp_path / "resumed")
   os.makedirs(os.path.join(resumed, "checkpoints"))
   shutil.copytree(os.path.join(full, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2"))
+  with open(os.path.join(full, "metrics.jsonl")) as f:  # rows 1-4 logged before the "kill"
+    logged = [json.loads(line) for line in f]
+  logged[2]["loss"] = -1.0  # marks the row of step 3 logged before the kill
+  with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in logged[:3]) + json.dumps(logged[3])[:20])  # torn
   train.train_and_evaluate(config, resumed)
-  rows_res = _rows(resumed)
-  assert sorted(rows_res) == [3, 4], "resume must continue after step 2"
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [1, 2, 3, 4], "one row per step: the replayed steps 3 and 4 replace their rows"
+  rows_res = _rows(resumed)  # step 3's row is the resumed run's (checked below), not the marked one
   for step in (3, 4):
     for key in ("loss", "loss_nf", "loss_l1", "bits_per_dim", "grad_norm_flow"):
       assert rows_res[step][key] == rows_full[step][key], (step, key)

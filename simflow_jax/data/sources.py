@@ -11,6 +11,11 @@ dict(image=uint8 (H, W, C) at the stored size, label=int32 scalar).
                ImageFolder layout); labels are the sorted class folder names of
                the training split (`data.train_split`), so every split agrees.
                Split "validation" also finds a folder named "val".
+               A file Pillow cannot decode (truncated, not an image) is an
+               UnreadableImageError naming it; with `data.skip_unreadable` the
+               next readable file of the split stands in for it (the same one
+               every epoch, so streams and resumes stay deterministic) and
+               each skipped file is logged once with the running count.
   tfds         `tfds.data_source`-style reading of array_record files of the
                tfds dataset `data.tfds_name` in the tfds data_dir `data.path`.
                `scripts/build_array_record.py` writes them without TensorFlow
@@ -26,15 +31,18 @@ Public API:
   list_class_dirs(split_dir) -> [class names]   sorted sub-folders
   list_images(class_dir) -> [paths]             image files below, sorted
   ArraySource(images, labels)                   in-memory arrays
-  ImageFolderSource(root, split, channels, train_split="train")
+  ImageFolderSource(root, split, channels, train_split="train", skip_unreadable=False)
+  UnreadableImageError                          an image file that cannot be decoded
   TfdsSource(name, data_dir, split)             wraps builder.as_data_source
   SyntheticSource(num_examples, image_size, channels, num_classes, seed)
   SYNTHETIC_SIZES                               split -> synthetic length
 """
 import os
+import threading
 import zlib
 
 import numpy as np
+from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -102,10 +110,15 @@ def find_split_dir(root: str, split: str) -> str:
       "set --config.data.train_split / eval_split to the folder names.")
 
 
+class UnreadableImageError(OSError):
+  pass
+
+
 class ImageFolderSource:
   """`root/<split>/<class>/*` images, decoded with Pillow to 'L' (channels 1) or 'RGB' (3)."""
 
-  def __init__(self, root: str, split: str, channels: int, train_split: str = "train"):
+  def __init__(self, root: str, split: str, channels: int, train_split: str = "train",
+               skip_unreadable: bool = False):
     if channels not in (1, 3):
       raise ValueError(f"data.channels must be 1 or 3 for image files, got {channels}")
     self.mode = "L" if channels == 1 else "RGB"
@@ -130,16 +143,42 @@ class ImageFolderSource:
                               f"{split_dir!r}; expected {split_dir}/<class>/<image>.")
     self.files = files
     self.labels = np.asarray(labels, np.int32)
+    self.skip_unreadable = skip_unreadable
+    self.skipped = set()  # indices of unreadable files met so far (skip_unreadable)
+    self._lock = threading.Lock()  # grain reads records in threads
 
   def __len__(self) -> int:
     return len(self.files)
 
+  def _decode(self, index: int) -> np.ndarray:
+    path = self.files[index]
+    try:
+      with Image.open(path) as img:
+        return np.asarray(img.convert(self.mode))  # convert() decodes the whole file
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      raise UnreadableImageError(
+          f"Cannot read image {path} ({type(e).__name__}: {e}). Remove or replace the file, or set "
+          "--config.data.skip_unreadable=True to skip unreadable files (counted in the log).") from e
+
   def __getitem__(self, index: int) -> dict:
-    with Image.open(self.files[index]) as img:
-      arr = np.asarray(img.convert(self.mode))
+    for offset in range(len(self.files)):
+      i = (index + offset) % len(self.files)  # an unreadable file: the next readable one
+      try:
+        arr = self._decode(i)
+        break
+      except UnreadableImageError as e:
+        if not self.skip_unreadable:
+          raise
+        with self._lock:
+          if i not in self.skipped:
+            self.skipped.add(i)
+            logging.warning("data.skip_unreadable: skipped %s (%s); %d unreadable file(s) skipped "
+                            "so far", self.files[i], e.__cause__, len(self.skipped))
+    else:
+      raise UnreadableImageError(f"No image of {len(self.files)} under the split folder can be read.")
     if arr.ndim == 2:
       arr = arr[..., None]  # (H, W) -> (H, W, 1)
-    return dict(image=arr, label=self.labels[index])
+    return dict(image=arr, label=self.labels[i])
 
 
 class TfdsSource:
@@ -219,7 +258,8 @@ def make_source(data_cfg, split: str):
     images, labels = mnist5k.load_mnist5k(split, data_cfg.num_val)
     return ArraySource(images, labels)
   if kind == "imagefolder":
-    source = ImageFolderSource(data_cfg.path, split, data_cfg.channels, data_cfg.train_split)
+    source = ImageFolderSource(data_cfg.path, split, data_cfg.channels, data_cfg.train_split,
+                               skip_unreadable=data_cfg.skip_unreadable)
     _check_num_classes(len(source.classes), data_cfg, f"ImageFolder {data_cfg.path!r}")
     return source
   if kind == "tfds":

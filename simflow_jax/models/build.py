@@ -26,6 +26,19 @@ def _choice(name, value, allowed):
     raise ValueError(f"config.{name}={value!r} is not one of {tuple(allowed)}.")
 
 
+def _check_classes(name, classes, num_classes) -> None:
+  """A tuple of class ids in [0, num_classes) (empty: the default classes)."""
+  ids = list(classes) if isinstance(classes, (tuple, list)) else None
+  if ids is None or not all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
+    raise ValueError(f"config.{name}={classes!r} must be a tuple of class ids, e.g. "
+                     f"--config.{name}='(1, 3)'.")
+  bad = sorted({c for c in ids if not 0 <= c < num_classes})
+  if bad:
+    raise ValueError(f"config.{name}={tuple(ids)}: class ids {bad} are outside [0, {num_classes}); "
+                     f"use ids 0..{num_classes - 1} (the null class {num_classes} is reserved for "
+                     "guidance).")
+
+
 def validate_config(config) -> None:
   """Checks values a user can get wrong; errors say which field and what to set."""
   d, v, f, t, l, s = config.data, config.vae, config.flow, config.train, config.loss, config.sample
@@ -63,6 +76,8 @@ def validate_config(config) -> None:
     raise ValueError(f"config.sample.guidance must be >= 0 (0 = no guidance), got {s.guidance}.")
   if s.temperature <= 0:
     raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
+  for name, classes in (("train.grid_classes", t.grid_classes), ("sample.classes", s.classes)):
+    _check_classes(name, classes, d.num_classes)
   if config.repa.enabled:
     _choice("repa.encoder", config.repa.encoder, tuple(REPA_DIMS))
     n = len(f.layers)
