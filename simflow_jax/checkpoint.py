@@ -80,8 +80,8 @@ class Checkpointer:
     """The error for a checkpoint that cannot be read: what to move away, what remains."""
     folder = self.directory / str(step)
     older = sorted((s for s in self.manager.all_steps() if s < step), reverse=True)
-    then = (f"the run then continues from step {older[0]}, the newest older checkpoint"
-            if older else "there is no older checkpoint: the run then starts from step 0")
+    then = (f"step {older[0]}, the newest older checkpoint, is then used"
+            if older else "there is no older checkpoint: training then starts from step 0")
     detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return CheckpointError(
         f"Checkpoint {folder} is unreadable ({detail}). It is partial or corrupt: move that step "

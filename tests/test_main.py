@@ -284,7 +284,7 @@ def test_corrupt_checkpoint_gets_advice_in_every_mode(runs, tmp_path):
         os.truncate(path, os.path.getsize(path) // 2)
   folder = os.path.join(workdir, "checkpoints", "4")
   want = (f"Checkpoint {folder} is unreadable", f"mv {folder} {folder}.corrupt",
-          "continues from step 2, the newest older checkpoint")
+          "step 2, the newest older checkpoint, is then used")
   result = _main(runs["args"] + [f"--workdir={workdir}", "--mode=sample"], runs["env"])
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert all(w in _last_line(result.stderr) for w in want), _last_line(result.stderr)
