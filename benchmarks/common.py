@@ -18,12 +18,17 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+# This checkout's packages (configs, simflow_jax), after anything put first on purpose.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(1, ROOT)
 
-from configs import demo, tiny
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from configs import demo, tiny  # noqa: E402
 
 CONFIGS = ("tiny", "demo", "mid")
 FLOW_CONFIGS = {"tarflow64": 8, "tarflow256": 16, "tarflow1024": 32}  # name -> latent side

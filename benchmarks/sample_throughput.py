@@ -56,14 +56,12 @@ _SCALING = flags.DEFINE_list("scaling", [], "Extra flow configs for time per ima
 class Worker:
   """benchmarks/sample_worker.py in a subprocess: one timed sampler call per request."""
 
-  def __init__(self, impl: str, config: str, pythonpath: str = "", tarflow_repo: str = ""):
-    env = dict(os.environ)
+  def __init__(self, impl: str, config: str, baseline_repo: str = "", tarflow_repo: str = ""):
     here = os.path.dirname(os.path.abspath(__file__))
-    if pythonpath:
-      env["PYTHONPATH"] = pythonpath
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(here, "sample_worker.py"), f"--impl={impl}", f"--config={config}",
-         f"--tarflow_repo={tarflow_repo}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+         f"--baseline_repo={os.path.abspath(baseline_repo) if baseline_repo else ''}",
+         f"--tarflow_repo={tarflow_repo}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert json.loads(self.proc.stdout.readline())["ready"]
 
   def __call__(self, batch: int, guidance: float) -> dict:
@@ -148,7 +146,7 @@ def main(argv):
   load_before = os.getloadavg()
   workers = {}
   if _BASELINE.value:
-    workers["baseline"] = Worker("baseline", _CONFIG.value, pythonpath=_BASELINE.value)
+    workers["baseline"] = Worker("baseline", _CONFIG.value, baseline_repo=_BASELINE.value)
   if _TARFLOW.value:
     workers["tarflow"] = Worker("tarflow", _CONFIG.value, tarflow_repo=_TARFLOW.value)
   flow, _, _ = common.flow_model(_CONFIG.value)

@@ -1,12 +1,12 @@
 """A sampler timed in its own process, for side-by-side runs of benchmarks/sample_throughput.py.
 
-  PYTHONPATH=OLD_CHECKOUT python benchmarks/sample_worker.py --impl=baseline --config=tarflow256
+  python benchmarks/sample_worker.py --impl=baseline --baseline_repo=OLD_CHECKOUT --config=tarflow256
   python benchmarks/sample_worker.py --impl=tarflow --tarflow_repo=PATH --config=tarflow256
 
 Reads one JSON request per line on stdin, {"batch": B, "guidance": W}, runs that
 sampler once (compiling it at its first request) and answers one JSON line:
 {"seconds": ..., "compile_s": ...}. Implementations:
-  baseline  simflow_jax as found on PYTHONPATH at its commit 4746437 (the cached
+  baseline  simflow_jax of --baseline_repo, a checkout of commit 4746437 (the cached
             flow.inverse with sample.guide_for_block): today's sampler before this rewrite;
   tarflow   apple/ml-tarflow's transformer_flow.Model.reverse (PyTorch, KV cache by
             torch.cat), imported from --tarflow_repo, never copied here.
@@ -17,13 +17,18 @@ import json
 import sys
 import time
 
-from absl import app, flags
+# The baseline's packages must shadow this checkout's: first on sys.path, before any import.
+_BASELINE_PATHS = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--baseline_repo=") and a != "--baseline_repo="]
+sys.path[:0] = _BASELINE_PATHS[:1]
 
-import common  # benchmarks/common.py
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402  (benchmarks/common.py)
 
 _IMPL = flags.DEFINE_enum("impl", "baseline", ["baseline", "tarflow"], "Sampler implementation.")
 _CONFIG = flags.DEFINE_string("config", "tarflow256", "Flow config (common.FLOW_CONFIGS).")
 _TARFLOW_REPO = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow.")
+flags.DEFINE_string("baseline_repo", "", "Checkout of commit 4746437 (read before the imports).")
 
 
 def baseline_sampler():
@@ -32,6 +37,7 @@ def baseline_sampler():
   from configs import base  # noqa: PLC0415
   from simflow_jax import sample  # noqa: PLC0415
   from simflow_jax.models import flow as flow_lib  # noqa: PLC0415
+  assert sample.__file__.startswith(_BASELINE_PATHS[0]), sample.__file__
   flow, _, _ = common.flow_model(_CONFIG.value)
   tokens = jnp.zeros((1, flow.seq_len, flow.token_dim))
   params = common.random_params(jax.jit(flow.init)(jax.random.key(0), tokens, jnp.zeros((1,), jnp.int32))["params"])
