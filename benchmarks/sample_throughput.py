@@ -23,6 +23,7 @@ Prints one JSON object {"machine", "config", "load_average_{before,after}", "res
   speedup_vs_baseline, speedup_vs_tarflow: cached images/s over theirs
   selective_speedup: selective over cached
 "scaling": time per image of the cached sampler for the --scaling configs (and --config).
+Each (batch, guidance) result is also printed to stderr as one JSON line when it is done.
 """
 import json
 import os
@@ -154,7 +155,9 @@ def main(argv):
   results = {}
   for batch in map(int, _BATCHES.value):
     for guidance in map(float, _GUIDANCE.value):
-      results[f"batch{batch}_guidance{guidance:g}"] = bench_case(flow, params, batch, guidance, workers)
+      name = f"batch{batch}_guidance{guidance:g}"
+      results[name] = bench_case(flow, params, batch, guidance, workers)
+      print(json.dumps({name: results[name], "load_average": os.getloadavg()}), file=sys.stderr, flush=True)
   for worker in workers.values():
     worker.close()
   scaling = {}
