@@ -3,17 +3,12 @@
 The scripts run as files (`python benchmarks/NAME.py`), so benchmarks/ is on sys.path
 and they `import common`.
 
-Public API:
-  CONFIGS                                   the benchmark config names
-  get_config(name, batch_size=0)            'tiny' | 'demo' | 'mid' -> locked ConfigDict
-  devices(num_devices=0) -> list            the first `num_devices` local devices (0 = all)
-  matmul_peak(devices, size=2048, reps=10, dtype='float32') -> dict
-                                            achieved FLOP/s of a square matmul on every device
-  timed(fn, reps) -> (wall, cpu)            seconds per call of fn() (blocked until ready):
-                                            wall clock, and this process's CPU time
-  peak_rss_mb() -> float                    this process's peak resident memory so far
-  machine() -> dict                         platform, devices, CPU count, load, versions
-  emit(obj)                                 prints obj as JSON on stdout
+Configs: 'tiny', 'demo' and 'mid' are whole SimFlow runs (the train step with its VAE);
+FLOW_CONFIGS are flow-only models shared by the train and sample benchmarks and the
+PyTorch reference (apple/ml-tarflow): 'tarflow256' is 256 tokens of 16 dims (16x16x16
+latents, patch 1), width 256, 4 blocks x 2 layers, head_dim 64, 10 classes, additive
+class conditioning, float32; 'tarflow64' and 'tarflow1024' are the same model over
+8x8 and 32x32 latents.
 """
 import json
 import os
@@ -23,14 +18,55 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+# This checkout's packages (configs, simflow_jax), after anything put first on purpose.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(1, ROOT)
 
-from configs import demo, tiny
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from configs import demo, tiny  # noqa: E402
 
 CONFIGS = ("tiny", "demo", "mid")
+FLOW_CONFIGS = {"tarflow64": 8, "tarflow256": 16, "tarflow1024": 32}  # name -> latent side
+
+
+def flow_model(name: str):
+  """The flow-only benchmark model `name` (FLOW_CONFIGS): (flow, latent side, channels)."""
+  from simflow_jax.models import flow as flow_lib  # noqa: PLC0415 (scripts import common first)
+  if name not in FLOW_CONFIGS:
+    raise ValueError(f"Unknown benchmark config {name!r}; choose from {tuple(FLOW_CONFIGS)}.")
+  side, channels = FLOW_CONFIGS[name], 16
+  flow = flow_lib.Flow(seq_len=side * side, token_dim=channels, width=256, layers_per_block=(2, 2, 2, 2),
+                       head_dim=64, cond="add", num_classes=10)
+  return flow, side, channels
+
+
+def random_params(tree, std: float = 0.02, seed: int = 0):
+  """Adds N(0, std^2) noise to every leaf: non-trivial weights (proj_out starts at zero)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [l + std * rng.standard_normal(l.shape).astype(np.float32)
+                                      for l in leaves])
+
+
+def tarflow_model(repo: str, name: str, std: float = 0.02, seed: int = 0):
+  """ml-tarflow's transformer_flow.Model (imported from `repo`, a checkout of
+  apple/ml-tarflow) for the flow config `name`, with random non-trivial weights."""
+  import torch  # noqa: PLC0415
+  sys.path.insert(0, repo)
+  import transformer_flow  # noqa: PLC0415
+  side = FLOW_CONFIGS[name]
+  torch.manual_seed(seed)
+  model = transformer_flow.Model(in_channels=16, img_size=side, patch_size=1, channels=256,
+                                 num_blocks=4, layers_per_block=2, num_classes=10)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(std * torch.randn_like(p))
+  return model
 
 
 def get_config(name: str, batch_size: int = 0):

@@ -1,24 +1,35 @@
-"""Sampling throughput: images/s with sequential (KV-cached scan) and Jacobi decoding.
+"""Sampling throughput of the flow inverse: sequential (KV cache), Jacobi and selective.
 
-  python benchmarks/sample_throughput.py                    # demo and mid, 2 timed calls each
-  python benchmarks/sample_throughput.py --configs=mid --batch=32 --repeats=3 --guidance=1.5
+  python benchmarks/sample_throughput.py                         # tarflow256, batch 8 and 64
+  python benchmarks/sample_throughput.py --batches=8 --guidance=0,2 --rounds=3 \
+      --baseline_repo=/tmp/base --tarflow_repo=/tmp/ml-tarflow --scaling=tarflow64,tarflow1024
 
-Prints one JSON object: {"machine": {...}, "perturb": STD, "results": {CONFIG: {...}}}. Per
-config, shapes and settings, then for "sequential" and "jacobi":
-  compile_s                  ahead-of-time compile of noise -> flow inverse -> VAE decode
-                             (the warm-up; never part of the rates)
-  seconds_per_batch, images_per_s   mean over --repeats calls with fresh noise
-  jacobi_mean_iters, jacobi_mean_iters_per_block   (jacobi) iterations per chunk
-Configs here (configs.base.get_base_config() + overrides; not common.get_config's):
-  demo  32x32x1 images, VAE ch_mult (1, 2, 2) (f4), z 4 -> 8x8x4 latents = 64 tokens of
-        4 dims; flow width 128, layers (2, 2); batch 64.
-  mid   32x32x3 images, VAE ch_mult (1, 2) (f2), z 16 -> 16x16x16 latents = 256 tokens of
-        16 dims; flow width 256, layers (2, 2, 2, 2); batch 16.
-  tiny  common.get_config('tiny') (64 tokens, width 32); batch 8. A seconds-long smoke run.
-Parameters are random (throughput only). A fresh flow is the identity (zero-initialised
-heads), on which Jacobi stops after one iteration, so the flow parameters get Gaussian
-noise of std --perturb to give Jacobi a realistic amount of work.
+Times noise -> tokens (the flow's inverse, no VAE: the PyTorch reference has none) on the
+flow config --config (benchmarks/common.py: 'tarflow256' is the model of
+benchmarks/train_throughput.py --configs=tarflow256), random non-trivial weights
+(--perturb), for every batch x guidance weight x method (cached | jacobi | selective).
+With --baseline_repo (a checkout of commit 4746437, e.g. `git worktree add /tmp/base
+4746437`) and --tarflow_repo (a checkout of apple/ml-tarflow) the same samplers of those
+run in worker processes (benchmarks/sample_worker.py), interleaved call by call with
+ours (A, B, C, A, B, C, ...), so the ratios compare runs under the same machine load.
+
+Prints one JSON object {"machine", "config", "load_average_{before,after}", "results",
+"scaling"}. Per (batch, guidance):
+  METHOD: compile_s, seconds (median over --rounds), images_per_s, seconds_per_token_step
+          (seconds / (blocks x tokens): one cached step of every layer of a block),
+          peak_memory_mb (XLA's temp + argument + output buffers of the compiled sampler),
+          mean_steps (Jacobi iterations per chunk; the sequential blocks count tokens)
+  baseline, tarflow: seconds (median), images_per_s, compile_s (baseline)
+  speedup_vs_baseline, speedup_vs_tarflow: cached images/s over theirs
+  selective_speedup: selective over cached
+"scaling": time per image of the cached sampler for the --scaling configs (and --config).
+Each (batch, guidance) result is also printed to stderr as one JSON line when it is done.
 """
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -27,102 +38,140 @@ import numpy as np
 from absl import app, flags
 
 import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
-from configs import base
-from simflow_jax import sample
-from simflow_jax.models import build
+from simflow_jax.models import guidance as guidance_lib
+from simflow_jax.models import inverse as inverse_lib
 
-CONFIGS = {
-    "demo": dict(data=dict(image_size=32, channels=1), vae=dict(ch_mult=(1, 2, 2), z_channels=4),
-                 flow=dict(width=128, layers=(2, 2)), batch=64),
-    "mid": dict(data=dict(image_size=32, channels=3), vae=dict(ch_mult=(1, 2), z_channels=16),
-                flow=dict(width=256, layers=(2, 2, 2, 2)), batch=16),
-    "tiny": dict(batch=8),
-}
-
-_CONFIGS = flags.DEFINE_list("configs", ["demo", "mid"], f"Sampling benchmark configs: {sorted(CONFIGS)}.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Batch size (0 = the config's default).")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls per decoder after compiling.")
-_GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight (0 = unguided).")
-_JACOBI_CHUNK = flags.DEFINE_integer("jacobi_chunk", 0, "Jacobi chunk length (0 = the whole sequence).")
-_PERTURB = flags.DEFINE_float("perturb", 0.02, "Std of the Gaussian noise added to the flow parameters.")
+_CONFIG = flags.DEFINE_string("config", "tarflow256", f"Flow config: {tuple(common.FLOW_CONFIGS)}.")
+_BATCHES = flags.DEFINE_list("batches", ["8", "64"], "Batch sizes.")
+_GUIDANCE = flags.DEFINE_list("guidance", ["0", "2"], "Guidance weights (0 = unguided).")
+_METHODS = flags.DEFINE_list("methods", ["cached", "jacobi", "selective"], "Inverse methods.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed calls of each sampler (interleaved).")
+_CHUNK = flags.DEFINE_integer("jacobi_chunk", 32, "Jacobi chunk (0 = the whole sequence).")
+_THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi stopping threshold.")
+_PERTURB = flags.DEFINE_float("perturb", 0.02, "Std of the noise added to the flow parameters.")
+_BASELINE = flags.DEFINE_string("baseline_repo", "", "Checkout of commit 4746437 to time side by side.")
+_TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow to time side by side.")
+_SCALING = flags.DEFINE_list("scaling", [], "Extra flow configs for time per image vs tokens.")
 
 
-def make_config(name: str):
-  if name not in CONFIGS:
-    raise ValueError(f"Unknown benchmark config {name!r}; choose from {sorted(CONFIGS)}.")
-  if name == "tiny":
-    return common.get_config("tiny")
-  config = base.get_base_config()
-  for section in ("data", "vae", "flow"):
-    config[section].update(CONFIGS[name][section])
-  return config
+class Worker:
+  """benchmarks/sample_worker.py in a subprocess: one timed sampler call per request."""
+
+  def __init__(self, impl: str, config: str, baseline_repo: str = "", tarflow_repo: str = ""):
+    here = os.path.dirname(os.path.abspath(__file__))
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(here, "sample_worker.py"), f"--impl={impl}", f"--config={config}",
+         f"--baseline_repo={os.path.abspath(baseline_repo) if baseline_repo else ''}",
+         f"--tarflow_repo={tarflow_repo}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(self.proc.stdout.readline())["ready"]
+
+  def __call__(self, batch: int, guidance: float) -> dict:
+    self.proc.stdin.write(json.dumps({"batch": batch, "guidance": guidance}) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError("the sampler worker died (see its stderr above)")
+    return json.loads(line)
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
-def perturb(params, std: float, seed: int = 0):
-  leaves, tree = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(tree, [l + std * rng.standard_normal(l.shape).astype(np.float32) for l in leaves])
+def build_sampler(flow, params, batch: int, guidance: float, method: str):
+  """Compiles noise -> tokens; returns (call() -> (tokens, steps), compile seconds, peak MB)."""
+  guides = guidance_lib.block_guides(flow, guidance)
+  fn = jax.jit(lambda p, z, y: inverse_lib.inverse(flow, p, z, y, method, guides, chunk=_CHUNK.value,
+                                                   threshold=_THRESHOLD.value))
+  z = jax.random.normal(jax.random.key(batch), (batch, flow.seq_len, flow.token_dim))
+  y = jnp.arange(batch, dtype=jnp.int32) % flow.num_classes
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, z, y).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
+  return (lambda: compiled(params, z, y)), compile_s, peak
 
 
-def time_sampler(models, params, labels, sample_cfg, repeats: int) -> dict:
-  """Compiles ahead of time, then times `repeats` calls of noise -> tokens -> images."""
+def timed_call(call) -> tuple[float, object]:
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(call())
+  return time.perf_counter() - t0, out
 
-  def run(params, labels, rng):
-    tokens, info = sample.sample_tokens(models, params["flow"], labels, rng, sample_cfg)
-    images = models.vae.apply({"params": params["vae"]}, models.to_latents(tokens),
-                              method=models.vae.decode)
-    return jnp.clip(images, -1.0, 1.0), info
 
-  rng = jax.random.key(1)
-  start = time.perf_counter()
-  compiled = jax.jit(run).lower(params, labels, rng).compile()
-  compile_s = time.perf_counter() - start
-  iters = []
-  start = time.perf_counter()
-  for i in range(repeats):
-    images, info = compiled(params, labels, jax.random.fold_in(rng, i))
-    jax.block_until_ready(images)
-    if "jacobi_iters" in info:
-      iters.append(np.asarray(info["jacobi_iters"]))
-  seconds = (time.perf_counter() - start) / repeats
-  out = dict(compile_s=round(compile_s, 2), seconds_per_batch=round(seconds, 3),
-             images_per_s=round(labels.shape[0] / seconds, 2))
-  if iters:
-    iters = np.stack(iters)  # (repeats, K, num_chunks)
-    out["jacobi_mean_iters"] = round(float(iters.mean()), 2)
-    out["jacobi_mean_iters_per_block"] = [round(float(v), 2) for v in iters.mean(axis=(0, 2))]
+def make_params(flow):
+  tokens = jnp.zeros((1, flow.seq_len, flow.token_dim))
+  init = jax.jit(flow.init)(jax.random.key(0), tokens, jnp.zeros((1,), jnp.int32))["params"]
+  return common.random_params(init, _PERTURB.value)
+
+
+def bench_case(flow, params, batch, guidance, workers) -> dict:
+  steps_per_call = flow.num_blocks * flow.seq_len
+  samplers, out = {}, {}
+  for method in _METHODS.value:
+    call, compile_s, peak = build_sampler(flow, params, batch, guidance, method)
+    samplers[method] = call
+    out[method] = {"compile_s": compile_s, "peak_memory_mb": peak, "times": []}
+  for name in workers:
+    out[name] = {"times": []}
+  for _ in range(_ROUNDS.value):  # interleaved: ours, then each worker, every round
+    for method, call in samplers.items():
+      seconds, (_, steps) = timed_call(call)
+      out[method]["times"].append(seconds)
+      out[method]["mean_steps"] = float(np.asarray(steps).mean())
+    for name, worker in workers.items():
+      reply = worker(batch, guidance)
+      out[name]["times"].append(reply["seconds"])
+      if reply["compile_s"] > 0.5:
+        out[name]["compile_s"] = reply["compile_s"]
+  for entry in out.values():
+    entry["seconds"] = statistics.median(entry["times"])
+    entry["images_per_s"] = batch / entry["seconds"]
+    entry["seconds_per_token_step"] = entry["seconds"] / steps_per_call
+  for name in workers:
+    if "cached" in out:
+      out[f"speedup_vs_{name}"] = out[name]["seconds"] / out["cached"]["seconds"]
+  if "cached" in out and "selective" in out:
+    out["selective_speedup"] = out["cached"]["seconds"] / out["selective"]["seconds"]
   return out
-
-
-def bench_config(name: str) -> dict:
-  config = make_config(name)
-  models = build.build_models(config)
-  params = jax.jit(lambda r: build.init_params(models, r))(jax.random.key(0))
-  params = {"vae": params["vae"], "flow": perturb(params["flow"], _PERTURB.value)}
-  batch = _BATCH.value or CONFIGS[name]["batch"]
-  labels = jnp.arange(batch, dtype=jnp.int32) % models.num_classes
-  cfg = config.sample
-  cfg.update(guidance=_GUIDANCE.value, jacobi_chunk=_JACOBI_CHUNK.value, jacobi=False)
-  result = dict(image_shape=[config.data.image_size, config.data.image_size, config.data.channels],
-                latent_shape=[*models.latent_hw, models.latent_channels], tokens=models.flow.seq_len,
-                token_dim=models.flow.token_dim, flow_width=models.flow.width,
-                flow_layers=list(models.flow.layers_per_block), batch=batch, guidance=cfg.guidance,
-                guidance_rule=cfg.guidance_rule, jacobi_chunk=cfg.jacobi_chunk,
-                jacobi_threshold=cfg.jacobi_threshold)
-  result["sequential"] = time_sampler(models, params, labels, cfg, _REPEATS.value)
-  cfg.jacobi = True
-  result["jacobi"] = time_sampler(models, params, labels, cfg, _REPEATS.value)
-  return result
 
 
 def main(argv):
   del argv
-  if _REPEATS.value < 1:
-    raise ValueError(f"--repeats must be >= 1, got {_REPEATS.value}.")
-  for name in _CONFIGS.value:
-    make_config(name)  # unknown names fail before any work
-  results = {name: bench_config(name) for name in _CONFIGS.value}
-  common.emit({"machine": common.machine(), "perturb": _PERTURB.value, "results": results})
+  if _ROUNDS.value < 1:
+    raise app.UsageError("--rounds must be >= 1.")
+  for name in [_CONFIG.value, *_SCALING.value]:
+    common.flow_model(name)  # unknown names fail before any work
+  load_before = os.getloadavg()
+  workers = {}
+  if _BASELINE.value:
+    workers["baseline"] = Worker("baseline", _CONFIG.value, baseline_repo=_BASELINE.value)
+  if _TARFLOW.value:
+    workers["tarflow"] = Worker("tarflow", _CONFIG.value, tarflow_repo=_TARFLOW.value)
+  flow, _, _ = common.flow_model(_CONFIG.value)
+  params = make_params(flow)
+  results = {}
+  for batch in map(int, _BATCHES.value):
+    for guidance in map(float, _GUIDANCE.value):
+      name = f"batch{batch}_guidance{guidance:g}"
+      results[name] = bench_case(flow, params, batch, guidance, workers)
+      print(json.dumps({name: results[name], "load_average": os.getloadavg()}), file=sys.stderr, flush=True)
+  for worker in workers.values():
+    worker.close()
+  scaling = {}
+  for name in [_CONFIG.value, *_SCALING.value]:
+    f, _, _ = common.flow_model(name)
+    call, compile_s, peak = build_sampler(f, make_params(f), 8, 0.0, "cached")
+    times = [timed_call(call)[0] for _ in range(_ROUNDS.value)]
+    scaling[name] = {"tokens": f.seq_len, "compile_s": compile_s, "peak_memory_mb": peak,
+                     "seconds_per_image": statistics.median(times) / 8,
+                     "seconds_per_token_step": statistics.median(times) / (f.num_blocks * f.seq_len)}
+  common.emit({"machine": common.machine(), "config": _CONFIG.value, "rounds": _ROUNDS.value,
+               "jacobi_chunk": _CHUNK.value, "jacobi_threshold": _THRESHOLD.value, "perturb": _PERTURB.value,
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "results": results, "scaling": scaling})
 
 
 if __name__ == "__main__":

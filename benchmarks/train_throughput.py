@@ -22,24 +22,36 @@ Prints one JSON object: {"machine": {...}, "results": {CONFIG: {...}}}. Per conf
 Random batches are placed on the devices once, and the frozen networks (if the config
 uses LPIPS or REPA) get random parameters of the right shapes: the numbers are the
 step's, not the input pipeline's. Configs: tiny | demo | mid (common.get_config).
+
+Flow-only configs (common.FLOW_CONFIGS, e.g. --configs=tarflow256, the model of
+benchmarks/sample_throughput.py): the flow's own train step, NLL in nats per dimension,
+AdamW (lr 1e-4), parameters and optimiser state donated, batch --batch (default 32),
+random tokens and labels. With --tarflow_repo=PATH (a checkout of apple/ml-tarflow) the
+same step of its PyTorch transformer_flow.Model (model.get_loss, AdamW) is timed in this
+process, alternating step by step with ours; the result then holds "tarflow" (its step
+times) and "speedup_vs_tarflow" (its median step over ours), and the load averages.
 """
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import app, flags
 
 import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
 from simflow_jax import dry_run, sharding
 
-_CONFIGS = flags.DEFINE_list("configs", ["demo", "mid"], f"Benchmark configs: {common.CONFIGS}.")
+_CONFIGS = flags.DEFINE_list("configs", ["demo", "tarflow256"],
+                             f"Benchmark configs: {common.CONFIGS + tuple(common.FLOW_CONFIGS)}.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per config.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch size (0 = the config's data.batch_size).")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Mesh size (0 = all local devices).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the matmul-peak matrices.")
 _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Timed matmuls.")
+_TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow (flow configs).")
 
 
 def random_inputs(spec, seed: int = 0):
@@ -98,11 +110,101 @@ def bench_config(name: str) -> dict:
           "peak_rss_mb": common.peak_rss_mb()}
 
 
+def flow_nll_per_dim(flow, params, tokens, labels):
+  z, logdet = flow.apply({"params": params}, tokens, labels)[:2]
+  return jnp.mean(0.5 * jnp.sum(z ** 2, axis=(1, 2)) - logdet) / (flow.seq_len * flow.token_dim)
+
+
+def tarflow_stepper(name: str, batch: int):
+  """One AdamW step of ml-tarflow's Model on random inputs, as a callable."""
+  import torch  # noqa: PLC0415
+  model = common.tarflow_model(_TARFLOW.value, name).train()
+  side = common.FLOW_CONFIGS[name]
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  x, y = torch.randn(batch, 16, side, side), torch.arange(batch) % 10
+
+  def step():
+    z, _, logdets = model(x, y)
+    loss = model.get_loss(z, logdets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  return step
+
+
+def bench_flow_config(name: str) -> dict:
+  """The flow-only train step of a FLOW_CONFIGS model (see the module docstring)."""
+  flow, _, _ = common.flow_model(name)
+  b = _BATCH.value or 32
+  tokens = jax.random.normal(jax.random.key(1), (b, flow.seq_len, flow.token_dim))
+  labels = jnp.arange(b, dtype=jnp.int32) % flow.num_classes
+  params = common.random_params(jax.jit(flow.init)(jax.random.key(0), tokens[:1], labels[:1])["params"])
+  opt = optax.adamw(1e-4)
+
+  def train_step(params, opt_state, tokens, labels):
+    loss, grads = jax.value_and_grad(lambda p: flow_nll_per_dim(flow, p, tokens, labels))(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = opt.init(params)
+  t0 = time.perf_counter()
+  lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens, labels)
+  t_lower = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  step = lowered.compile()
+  t_compile = time.perf_counter() - t0
+  unrolled = flow.clone(scan_layers=False)
+  flops = jax.jit(lambda p, x, y: jax.value_and_grad(flow_nll_per_dim, argnums=1)(unrolled, p, x, y)).lower(
+      jax.eval_shape(unrolled.init, jax.random.key(0), tokens[:1], labels[:1])["params"], tokens,
+      labels).compile().cost_analysis()["flops"]
+  state = [params, opt_state]
+
+  def one_step():
+    state[0], state[1], loss = step(state[0], state[1], tokens, labels)
+    return loss
+
+  torch_step = tarflow_stepper(name, b) if _TARFLOW.value else None
+  load_before = os.getloadavg()
+  common.timed(one_step, _WARMUP.value)
+  if torch_step is not None:
+    for _ in range(_WARMUP.value):
+      torch_step()
+  times, cpu, torch_times = [], [], []
+  for _ in range(_STEPS.value):  # alternating, so both see the same machine load
+    wall, c = common.timed(one_step, 1)
+    times += wall
+    cpu += c
+    if torch_step is not None:
+      t0 = time.perf_counter()
+      torch_step()
+      torch_times.append(time.perf_counter() - t0)
+  peak = common.matmul_peak(common.devices(1), _MATMUL_SIZE.value, _MATMUL_REPS.value)
+  median, median_cpu = statistics.median(times), statistics.median(cpu)
+  out = {"global_batch": b, "devices": 1, "steps": len(times), "flow_only": True,
+         "params": sum(x.size for x in jax.tree.leaves(params)),
+         "trace_lower_s": t_lower, "compile_s": t_compile,
+         "step_time_s_median": median, "step_time_s_mean": statistics.fmean(times),
+         "step_time_s_min": min(times), "images_per_s": b / median,
+         "flops_per_step": flops, "achieved_flops_per_s": flops / median, "matmul": peak,
+         "fraction_of_matmul_peak": flops / median / peak["flops_per_s"],
+         "step_cpu_s_median": median_cpu, "achieved_flops_per_cpu_s": flops / median_cpu,
+         "fraction_of_matmul_peak_cpu": flops / median_cpu / peak["flops_per_cpu_s"],
+         "peak_rss_mb": common.peak_rss_mb(), "load_average_before": load_before,
+         "load_average_after": os.getloadavg()}
+  if torch_times:
+    out["tarflow"] = {"step_time_s_median": statistics.median(torch_times), "step_times_s": torch_times}
+    out["speedup_vs_tarflow"] = statistics.median(torch_times) / median
+  return out
+
+
 def main(argv):
   del argv
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError("--steps must be >= 1 and --warmup >= 0.")
-  results = {name: bench_config(name) for name in _CONFIGS.value}
+  results = {name: bench_flow_config(name) if name in common.FLOW_CONFIGS else bench_config(name)
+             for name in _CONFIGS.value}
   common.emit({"machine": common.machine(), "results": results})
 
 

@@ -127,9 +127,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.guidance_rule = "linear"   # linear | linear_shift | gaussian
   s.guidance_schedule = "constant"  # constant | anneal (w_t = w (t+1)/T)
   s.guidance_blocks = "all"    # all | deep
-  s.jacobi = False
-  s.jacobi_chunk = 0           # 0 = whole sequence
-  s.jacobi_threshold = 1e-3
+  s.inverse = "cached"         # cached (token by token, KV cache) | jacobi (every block) |
+                               # selective (deep block cached, the others Jacobi)
+  s.jacobi_chunk = 0           # tokens per Jacobi chunk; 0 = whole sequence
+  s.jacobi_threshold = 1e-3    # stop a chunk when its relative change is below this
   s.jacobi_max_iters = 0       # 0 = chunk length (exact)
   s.batch_size = 64
   s.num_samples = 0            # .npz export count (0 = none)

@@ -89,7 +89,7 @@ SHARD_NAME = "shard_{:05d}.npz"
 SETTINGS_NAME = "settings.json"
 # config.sample fields that change the samples (with the seed, counts and checkpoint step).
 _SAMPLER_FIELDS = ("temperature", "guidance", "guidance_rule", "guidance_schedule", "guidance_blocks",
-                   "jacobi", "jacobi_chunk", "jacobi_threshold", "jacobi_max_iters")
+                   "inverse", "jacobi_chunk", "jacobi_threshold", "jacobi_max_iters")
 
 
 def _merge_shards(paths: Sequence[epath.Path], out: epath.Path) -> int:
@@ -159,7 +159,6 @@ def _make_sharded_sampler(models, sample_cfg, mesh, batch_size: int):
   replicated and labels, noise and images split over all devices (batch_size must be
   divisible by the device count)."""
   sample_cfg = copy.deepcopy(sample_cfg)
-  sample.guide_for_block(models.flow, sample_cfg)  # configuration errors now, not at the first call
   batch, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   jitted = jax.jit(functools.partial(sample.sample_images, models, sample_cfg=sample_cfg),
                    in_shardings=(repl, batch, repl), out_shardings=batch)

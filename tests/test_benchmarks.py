@@ -64,3 +64,33 @@ def test_unknown_config_is_a_clear_error():
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0
   assert "Unknown benchmark config 'huge'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sample_throughput_script_on_a_small_flow_config():
+  out = _run_script("sample_throughput.py", "--config=tarflow64", "--batches=2", "--guidance=0",
+                    "--methods=cached,selective", "--rounds=1", "--jacobi_chunk=16")
+  _check_machine(out["machine"])
+  assert out["config"] == "tarflow64" and len(out["load_average_before"]) == 3
+  r = out["results"]["batch2_guidance0"]
+  for method in ("cached", "selective"):
+    m = r[method]
+    assert m["compile_s"] > 0 and m["seconds"] > 0 and m["peak_memory_mb"] > 0
+    assert m["images_per_s"] == pytest.approx(2 / m["seconds"])
+    assert m["seconds_per_token_step"] == pytest.approx(m["seconds"] / (4 * 64))
+  assert r["cached"]["mean_steps"] == 16  # sequential: 16 tokens per chunk of every block
+  assert 1 <= r["selective"]["mean_steps"] <= 16
+  assert r["selective_speedup"] == pytest.approx(r["cached"]["seconds"] / r["selective"]["seconds"])
+  s = out["scaling"]["tarflow64"]
+  assert s["tokens"] == 64 and s["seconds_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_script_on_a_flow_only_config():
+  out = _run_script("train_throughput.py", "--configs=tarflow64", "--steps=1", "--warmup=0", "--batch=2",
+                    "--matmul_size=128", "--matmul_reps=3")
+  r = out["results"]["tarflow64"]
+  assert r["flow_only"] and r["global_batch"] == 2 and r["steps"] == 1
+  for key in ("params", "compile_s", "step_time_s_median", "flops_per_step", "fraction_of_matmul_peak"):
+    assert r[key] > 0, key
+  assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"])

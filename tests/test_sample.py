@@ -1,16 +1,19 @@
-"""Tests of the sampler (sample.py): guidance rules, Jacobi decoding, seeds."""
+"""Tests of the sampler and the flow inverse: guidance rules, cached / dense / Jacobi /
+selective inversion, seeds (sample.py, models/inverse.py, models/guidance.py)."""
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import base
 from simflow_jax import sample as S
 from simflow_jax.models import build
 from simflow_jax.models import flow as F
+from simflow_jax.models import guidance as G
+from simflow_jax.models import inverse as I
 
 T, D, NCLS = 12, 4, 3
 
@@ -34,27 +37,16 @@ def perturbed_params(flow, seed=0, std=0.1):
   return jax.tree.unflatten(tree, noisy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _inverse(flow, method, guides, params, z, labels):
-  return F.inverse(flow, params, z, labels, method, guides)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _inverse(flow, method, guides, chunk, params, z, labels, threshold, max_iters):
+  return I.inverse(flow, params, z, labels, method, guides, chunk=chunk, threshold=threshold,
+                   max_iters=max_iters)
 
 
-def jitted_inverse(flow, method="cached", guides=None):
-  """fn(params, z, labels) -> x: flow.inverse, compiled once per (flow, method, guides)."""
-  return functools.partial(_inverse, flow, method, guides)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _jacobi(flow, chunk, guides, params, z, labels, threshold, max_iters):
-  cfg = types.SimpleNamespace(jacobi_chunk=chunk, jacobi_threshold=threshold, jacobi_max_iters=max_iters)
-  return S.inverse_jacobi(flow, params, z, labels, cfg, guides)
-
-
-def jitted_jacobi(flow, cfg, guides=None):
-  """fn(params, z, labels) -> (x, iters): inverse_jacobi, compiled once per (flow, chunk, guides);
-  the threshold and iteration cap are traced."""
-  return lambda p, z, y: _jacobi(flow, cfg.jacobi_chunk, guides, p, z, y, cfg.jacobi_threshold,
-                                 cfg.jacobi_max_iters)
+def jitted_inverse(flow, method="cached", guides=None, chunk=0, threshold=0.0, max_iters=0):
+  """fn(params, z, labels) -> (x, steps): compiled once per (flow, method, guides, chunk);
+  the threshold and the iteration cap are traced."""
+  return lambda p, z, y: _inverse(flow, method, guides, chunk, p, z, y, threshold, max_iters)
 
 
 def sample_cfg(**overrides):
@@ -68,9 +60,10 @@ def noise():
   return jax.random.normal(jax.random.key(100), (2, T, D)), jnp.array([0, 1], jnp.int32)
 
 
-def doubled_streams(seed, b=3, d=5):
+def doubled_streams(seed, b=3, s=2, d=5):
+  """(log_sigma, b) of a doubled batch, (2b, s, d) each."""
   ks = jax.random.split(jax.random.key(seed), 2)
-  return jax.random.normal(ks[0], (2 * b, d)) * 0.7, jax.random.normal(ks[1], (2 * b, d))
+  return jax.random.normal(ks[0], (2 * b, s, d)) * 0.7, jax.random.normal(ks[1], (2 * b, s, d))
 
 
 # ---- guidance rules ------------------------------------------------------------------
@@ -78,15 +71,15 @@ def test_guidance_rules_known_answers():
   a, b = doubled_streams(seed=0)
   a_c, a_u = np.split(np.asarray(a, np.float64), 2)
   b_c, b_u = np.split(np.asarray(b, np.float64), 2)
-  w = 1.7
-  la, lb = S.make_guide("linear", w, "constant", T)(a, b, 0)
+  w, pos = 1.7, jnp.arange(2)
+  la, lb = G.make_guide("linear", w, "constant", T)(a, b, pos)
   np.testing.assert_allclose(la, a_c + w * (a_c - a_u), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(lb, b_c + w * (b_c - b_u), rtol=1e-6, atol=1e-6)
-  sa, sb = S.make_guide("linear_shift", w, "constant", T)(a, b, 0)
+  sa, sb = G.make_guide("linear_shift", w, "constant", T)(a, b, pos)
   np.testing.assert_array_equal(sa, a_c.astype(np.float32))
   np.testing.assert_allclose(sb, lb, rtol=1e-6)
   # Gaussian product N(b_c, s_c^2)^(1+w) / N(b_u, s_u^2)^w by precisions, where s_c < s_u ...
-  ga, gb = S.make_guide("gaussian", w, "constant", T)(a, b, 0)
+  ga, gb = G.make_guide("gaussian", w, "constant", T)(a, b, pos)
   var_c, var_u = np.exp(2 * a_c), np.exp(2 * a_u)
   prec = (1 + w) / var_c - w / var_u
   mean = ((1 + w) * b_c / var_c - w * b_u / var_u) / prec
@@ -100,93 +93,99 @@ def test_guidance_rules_known_answers():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rule", S.GUIDANCE_RULES)
-@pytest.mark.parametrize("schedule", S.GUIDANCE_SCHEDULES)
+@pytest.mark.parametrize("rule", G.RULES)
+@pytest.mark.parametrize("schedule", G.SCHEDULES)
 def test_zero_weight_returns_conditional_stream_exactly(rule, schedule):
   a, b = doubled_streams(seed=3)
-  ga, gb = S.make_guide(rule, 0.0, schedule, T)(a, b, jnp.int32(5))
+  ga, gb = G.make_guide(rule, 0.0, schedule, T)(a, b, jnp.arange(5, 7))
   np.testing.assert_array_equal(ga, a[:3])
   np.testing.assert_array_equal(gb, b[:3])
 
 
 def test_anneal_schedule_values():
-  # a_c = 1, a_u = 0, b_c = 2, b_u = 0: linear guidance gives a = 1 + w_t, b = 2 + 2 w_t.
-  a = jnp.array([[1.0], [0.0]])
-  b = jnp.array([[2.0], [0.0]])
-  w, seq = 2.0, 4
-  anneal = S.make_guide("linear", w, "anneal", seq)
-  const = S.make_guide("linear", w, "constant", seq)
-  for t in range(seq):
-    w_t = w * (t + 1) / seq
-    ga, gb = anneal(a, b, jnp.int32(t))
-    np.testing.assert_allclose(ga, [[1 + w_t]], rtol=1e-6)
-    np.testing.assert_allclose(gb, [[2 + 2 * w_t]], rtol=1e-6)
-    np.testing.assert_allclose(const(a, b, jnp.int32(t))[0], [[1 + w]], rtol=1e-6)
-  np.testing.assert_allclose(anneal(a, b, jnp.int32(seq - 1))[0], [[1 + w]], rtol=1e-6)  # full weight last
+  # a_c = 1, a_u = 0, b_c = 2, b_u = 0 at every position: linear guidance gives
+  # a = 1 + w_t, b = 2 + 2 w_t with w_t = w (t + 1) / T, per position t of a chunk.
+  seq, w = 4, 2.0
+  a = jnp.concatenate([jnp.ones((1, seq, 1)), jnp.zeros((1, seq, 1))])
+  b = 2.0 * a
+  w_t = w * (np.arange(seq) + 1) / seq
+  ga, gb = G.make_guide("linear", w, "anneal", seq)(a, b, jnp.arange(seq))
+  np.testing.assert_allclose(ga[0, :, 0], 1 + w_t, rtol=1e-6)
+  np.testing.assert_allclose(gb[0, :, 0], 2 + 2 * w_t, rtol=1e-6)
+  assert float(ga[0, -1, 0]) == pytest.approx(1 + w)  # full weight at the last token
+  ga, _ = G.make_guide("linear", w, "constant", seq)(a, b, jnp.arange(seq))
+  np.testing.assert_allclose(ga[0, :, 0], 1 + w, rtol=1e-6)
 
 
-def test_guide_for_block_selection_and_errors():
+def test_block_guides_selection_and_config_errors():
   flow = make_flow(layers=(1, 1, 2))
-  assert all(S.guide_for_block(flow, sample_cfg(guidance=0.0))(k) is None for k in range(3))
-  every = S.guide_for_block(flow, sample_cfg(guidance=1.0))
-  assert all(callable(every(k)) for k in range(3))
-  deep = S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_blocks="deep"))
-  assert [deep(k) is None for k in range(3)] == [True, True, False]
+  assert G.block_guides(flow, 0.0) == (None, None, None)
+  assert all(callable(g) for g in G.block_guides(flow, 1.0))
+  assert [g is None for g in G.block_guides(flow, 1.0, blocks="deep")] == [True, True, False]
   # Blocks without class conditioning are never guided.
   deep_cond = make_flow(layers=(1, 1, 2), cond_blocks="deep")
-  deep_cond_guides = S.guide_for_block(deep_cond, sample_cfg(guidance=1.0))
-  assert [deep_cond_guides(k) is None for k in range(3)] == [True, True, False]
-  with pytest.raises(ValueError, match="guidance_rule"):
-    S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_rule="cubic"))
-  with pytest.raises(ValueError, match="guidance_blocks"):
-    S.guide_for_block(flow, sample_cfg(guidance=1.0, guidance_blocks="shallow"))
+  assert [g is None for g in G.block_guides(deep_cond, 1.0)] == [True, True, False]
+  # Choices are validated once, at the config boundary.
+  for field, value, match in (("guidance_rule", "cubic", "guidance_rule"),
+                              ("guidance_blocks", "shallow", "guidance_blocks"),
+                              ("inverse", "newton", "sample.inverse"),
+                              ("temperature", 0.0, "temperature"),
+                              ("jacobi_threshold", -1.0, "jacobi")):
+    config = base.get_base_config()
+    config.sample[field] = value
+    with pytest.raises(ValueError, match=match):
+      build.validate_config(config)
+  config = base.get_base_config()
+  config.flow.cond, config.sample.guidance = "none", 1.0
   with pytest.raises(ValueError, match="class-conditional"):
-    S.guide_for_block(flow.clone(cond="none"), sample_cfg(guidance=1.0))
+    build.validate_config(config)
 
 
-# ---- the three inverses agree -----------------------------------------------------------
+# ---- every inverse agrees --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def flow_case():
   """A perturbed two-block flow (both token orders), noise, labels and its exact unguided inverse."""
   flow = make_flow()
   params = perturbed_params(flow)
   z, y = noise()
-  exact = jitted_inverse(flow)(params, z, y)
+  exact, _ = jitted_inverse(flow, "dense")(params, z, y)
   assert float(jnp.abs(exact - z).max()) > 1e-2, "perturbed flow should not be the identity"
   return flow, params, z, y, exact
 
 
-@pytest.mark.parametrize("rule,schedule,check_dense", [
-    (None, "constant", True), ("linear", "constant", False), ("linear_shift", "anneal", False),
-    ("gaussian", "anneal", True)])
-def test_cached_dense_and_exact_jacobi_agree(flow_case, rule, schedule, check_dense):
+@pytest.mark.parametrize("rule,schedule", [
+    (None, "constant"), ("linear", "constant"), ("linear_shift", "anneal"), ("gaussian", "anneal")])
+def test_cached_dense_jacobi_and_selective_agree(flow_case, rule, schedule):
   flow, params, z, y, exact = flow_case
-  cfg = sample_cfg(guidance=0.0 if rule is None else 1.5, guidance_rule=rule or "linear",
-                   guidance_schedule=schedule, jacobi_threshold=0.0, jacobi_chunk=5)
-  guides = S.guide_for_block(flow, cfg)
-  x_cached = exact if rule is None else jitted_inverse(flow, "cached", guides)(params, z, y)
-  if check_dense:
-    np.testing.assert_allclose(jitted_inverse(flow, "dense", guides)(params, z, y), x_cached, atol=1e-5)
-  # Uneven chunks (5, 5, 2): each chunk runs its length in iterations and is exact.
-  x_jac, iters = jitted_jacobi(flow, cfg, guides)(params, z, y)
-  np.testing.assert_allclose(x_jac, x_cached, atol=1e-4)
-  np.testing.assert_array_equal(iters, [[5, 5, 2]] * flow.num_blocks)
-  if rule is not None:  # guidance changes the result
-    assert float(jnp.abs(x_cached - exact).max()) > 1e-3
+  guides = None if rule is None else G.block_guides(flow, 1.5, rule, schedule)
+  x_dense, _ = jitted_inverse(flow, "dense", guides)(params, z, y)
+  if rule is None:
+    np.testing.assert_allclose(x_dense, exact, atol=1e-6)
+  else:  # guidance changes the result
+    assert float(jnp.abs(x_dense - exact).max()) > 1e-3
+  x_cached, steps = jitted_inverse(flow, "cached", guides, chunk=5)(params, z, y)
+  np.testing.assert_allclose(x_cached, x_dense, atol=1e-5)
+  np.testing.assert_array_equal(steps, [[5, 5, 2]] * 2)  # sequential tokens per chunk
+  # Uneven chunks (5, 5, 2; the last aligned to the end): each runs its new tokens in
+  # iterations at threshold 0 and is exact. Selective: block 1 (deep) cached, block 0 Jacobi.
+  for method in ("jacobi", "selective"):
+    x, steps = jitted_inverse(flow, method, guides, chunk=5)(params, z, y)
+    np.testing.assert_allclose(x, x_cached, atol=1e-4, err_msg=method)
+    np.testing.assert_array_equal(steps, [[5, 5, 2]] * 2)
 
 
 def test_jacobi_whole_sequence_and_iteration_caps(flow_case):
   flow, params, z, y, exact = flow_case
   # chunk 0 = the whole sequence, exact after T iterations.
-  x, iters = jitted_jacobi(flow, sample_cfg(jacobi_threshold=0.0))(params, z, y)
+  x, iters = jitted_inverse(flow, "jacobi")(params, z, y)
   np.testing.assert_array_equal(iters, [[T]] * 2)
   np.testing.assert_allclose(x, exact, atol=1e-4)
   # Too few iterations leave an error; max_iters caps every chunk.
-  x2, iters = jitted_jacobi(flow, sample_cfg(jacobi_threshold=0.0, jacobi_max_iters=2))(params, z, y)
+  x2, iters = jitted_inverse(flow, "jacobi", max_iters=2)(params, z, y)
   np.testing.assert_array_equal(iters, [[2]] * 2)
   assert float(jnp.abs(x2 - exact).max()) > 1e-3
   # Larger than the chunk: capped at the chunk length, which is exact.
-  x_big, iters = jitted_jacobi(flow, sample_cfg(jacobi_threshold=0.0, jacobi_max_iters=50))(params, z, y)
+  x_big, iters = jitted_inverse(flow, "jacobi", max_iters=50)(params, z, y)
   np.testing.assert_array_equal(iters, [[T]] * 2)
   np.testing.assert_allclose(x_big, exact, atol=1e-4)
 
@@ -195,12 +194,68 @@ def test_jacobi_with_threshold_converges_in_fewer_iterations_on_near_identity_fl
   flow = make_flow()
   params = perturbed_params(flow, std=0.02)
   z, y = noise()
-  exact = jitted_inverse(flow)(params, z, y)
+  exact, _ = jitted_inverse(flow)(params, z, y)
   assert float(jnp.abs(exact - z).max()) > 1e-3, "flow should not be exactly the identity"
-  x, iters = jitted_jacobi(flow, sample_cfg(jacobi_threshold=1e-3))(params, z, y)
+  x, iters = jitted_inverse(flow, "jacobi", threshold=1e-3)(params, z, y)
   assert iters.shape == (2, 1) and iters.dtype == jnp.int32
   assert np.all(np.asarray(iters) >= 1) and np.all(np.asarray(iters) < T), iters
   np.testing.assert_allclose(x, exact, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def trained_flow():
+  """A tiny flow trained for 150 Adam steps by maximum likelihood on correlated
+  sequences x_t = 0.5 x_{t-1} + noise (so the blocks learn real dependencies)."""
+  flow = make_flow(layers=(1, 1, 1))
+  params = perturbed_params(flow, std=0.0)
+  rng = np.random.default_rng(0)
+  eps = rng.standard_normal((256, T, D)).astype(np.float32)
+  data = np.zeros_like(eps)
+  for t in range(T):
+    data[:, t] = (0.5 * data[:, t - 1] if t else 0.0) + 0.5 * eps[:, t]
+  labels = jnp.asarray(np.arange(256) % NCLS, jnp.int32)
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def train(params):
+    def loss(p):
+      z, logdet = F.forward(flow, p, data, labels)
+      return jnp.mean(0.5 * jnp.sum(z ** 2, axis=(1, 2)) - logdet)
+
+    def step(carry, _):
+      p, s = carry
+      value, grad = jax.value_and_grad(loss)(p)
+      updates, s = opt.update(grad, s, p)
+      return (optax.apply_updates(p, updates), s), value
+
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=150)
+    return params, losses
+
+  params, losses = train(params)
+  assert float(losses[-1]) < float(losses[0]) - 5.0, "the tiny flow should learn"
+  return flow, params
+
+
+def test_selective_matches_sequential_to_its_threshold_on_a_trained_flow(trained_flow):
+  flow, params = trained_flow
+  z = jax.random.normal(jax.random.key(5), (4, T, D))
+  y = jnp.array([0, 1, 2, 0], jnp.int32)
+  x_seq, _ = jitted_inverse(flow)(params, z, y)
+  scale = float(jnp.abs(x_seq).max())
+  for threshold in (1e-2, 1e-4):
+    x, iters = jitted_inverse(flow, "selective", chunk=4, threshold=threshold)(params, z, y)
+    iters = np.asarray(iters)
+    np.testing.assert_array_equal(iters[-1], [4, 4, 4])  # the deep block: sequential
+    assert np.all(iters[:-1] >= 1)
+    # Each Jacobi chunk stopped when its relative change fell below the threshold; the
+    # error it leaves is of that order, amplified at most by the later blocks' Lipschitz
+    # constants (a factor of a few on this flow).
+    err = float(jnp.abs(x - x_seq).max()) / scale
+    assert err < 20 * threshold, (threshold, err, iters)
+  # One chunk and a loose threshold: fewer iterations than exact decoding (T per block).
+  x, loose = jitted_inverse(flow, "selective", chunk=0, threshold=1e-2)(params, z, y)
+  assert np.asarray(loose)[:-1].sum() < T * (flow.num_blocks - 1), loose
+  assert float(jnp.abs(x - x_seq).max()) / scale < 20 * 1e-2
 
 
 # ---- the sampler ---------------------------------------------------------------------
@@ -228,13 +283,14 @@ def test_guidance_zero_is_exactly_unguided_and_temperature_scales_noise(tiny_mod
   rng = jax.random.key(7)
   cfg = sample_cfg(guidance=0.0, guidance_rule="gaussian", temperature=0.5)
   tokens, info = jitted_sample_tokens(models, cfg)(params["flow"], y, rng)
-  assert info == {}
-  # z ~ N(0, temperature^2 I), inverted with no guide at all (scaling by 0.5 is exact).
+  np.testing.assert_array_equal(info["steps"], [[16]] * 2)
+  # z ~ N(0, temperature^2 I), inverted with no guide at all. Another compiled program
+  # (the noise drawn outside it) may round differently in its last bit: compare to 1e-6.
   z = 0.5 * jax.random.normal(rng, (2, *models.token_shape))
-  np.testing.assert_array_equal(tokens, jitted_inverse(models.flow)(params["flow"], z, y))
+  np.testing.assert_allclose(tokens, jitted_inverse(models.flow)(params["flow"], z, y)[0], atol=1e-6)
   # A w = 0 guide through the doubled batch gives the same numbers.
-  guide = S.make_guide("gaussian", 0.0, "constant", models.flow.seq_len)
-  np.testing.assert_allclose(jitted_inverse(models.flow, "cached", lambda k: guide)(params["flow"], z, y),
+  guide = G.make_guide("gaussian", 0.0, "constant", models.flow.seq_len)
+  np.testing.assert_allclose(jitted_inverse(models.flow, "cached", (guide, guide))(params["flow"], z, y)[0],
                              tokens, atol=1e-5)
 
 
@@ -246,17 +302,18 @@ def test_sample_images_seeds_decode_and_jacobi(tiny_models):
   a = fn(params, y, jax.random.key(1))
   assert a.shape == (3, 8, 8, 1) and a.dtype == jnp.float32
   assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
-  np.testing.assert_array_equal(fn(params, y, jax.random.key(1)), a)
+  np.testing.assert_array_equal(fn(params, y, jax.random.key(1)), a)  # one program: bit-identical
   assert float(jnp.abs(fn(params, y, jax.random.key(2)) - a).max()) > 1e-3
   # The images are the VAE decoding of the sampled tokens.
   tokens, _ = jitted_sample_tokens(models, cfg)(params["flow"], y, jax.random.key(1))
   decode = jax.jit(lambda p, lat: models.vae.apply({"params": p}, lat, method=models.vae.decode))
   np.testing.assert_allclose(a, jnp.clip(decode(params["vae"], models.to_latents(tokens)), -1, 1), atol=1e-5)
-  # Jacobi sampling reports its iterations and matches the cached sampler when exact.
-  jac_cfg = sample_cfg(guidance=1.0, jacobi=True, jacobi_threshold=0.0, jacobi_chunk=8)
-  jac_tokens, info = jitted_sample_tokens(models, jac_cfg)(params["flow"], y, jax.random.key(1))
-  np.testing.assert_array_equal(info["jacobi_iters"], [[8, 8]] * 2)
-  np.testing.assert_allclose(jac_tokens, tokens, atol=1e-4)
+  # Jacobi and selective sampling report their iterations and match the cached sampler when exact.
+  for method in ("jacobi", "selective"):
+    jac_cfg = sample_cfg(guidance=1.0, inverse=method, jacobi_threshold=0.0, jacobi_chunk=8)
+    jac_tokens, info = jitted_sample_tokens(models, jac_cfg)(params["flow"], y, jax.random.key(1))
+    np.testing.assert_array_equal(info["steps"], [[8, 8]] * 2)
+    np.testing.assert_allclose(jac_tokens, tokens, atol=1e-4)
 
 
 def test_bad_class_ids_raise(tiny_models):
@@ -269,5 +326,3 @@ def test_bad_class_ids_raise(tiny_models):
   fn = S.make_sample_fn(models, sample_cfg())
   with pytest.raises(ValueError, match=r"\[5\]"):
     fn(params, jnp.array([0, 5], jnp.int32), jax.random.key(0))
-  with pytest.raises(ValueError, match="temperature"):
-    S.make_sample_fn(models, sample_cfg(temperature=0.0))

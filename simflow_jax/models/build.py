@@ -14,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from simflow_jax.models import discriminator, flow as flow_lib, repa, vae as vae_lib
+from simflow_jax.models import discriminator, flow as flow_lib, guidance, inverse, repa, vae as vae_lib
 
 VARIANTS = ("end_to_end", "frozen_vae", "frozen_encoder", "learned_variance", "noise_augmented")
 # The dimensions of the DINOv2 presets' tokens (pretrained/dinov2.py); models/ does not import it.
@@ -69,11 +69,19 @@ def validate_config(config) -> None:
   if d.batch_size < 1 or t.num_steps < 0:
     raise ValueError("config.data.batch_size must be >= 1 and config.train.num_steps >= 0.")
   _choice("optim.schedule", config.optim.schedule, ("cosine", "constant"))
-  _choice("sample.guidance_rule", s.guidance_rule, ("linear", "linear_shift", "gaussian"))
-  _choice("sample.guidance_schedule", s.guidance_schedule, ("constant", "anneal"))
-  _choice("sample.guidance_blocks", s.guidance_blocks, ("all", "deep"))
+  _choice("sample.guidance_rule", s.guidance_rule, guidance.RULES)
+  _choice("sample.guidance_schedule", s.guidance_schedule, guidance.SCHEDULES)
+  _choice("sample.guidance_blocks", s.guidance_blocks, guidance.BLOCKS)
+  _choice("sample.inverse", s.inverse, tuple(m for m in inverse.METHODS if m != "dense"))
   if s.guidance < 0:
     raise ValueError(f"config.sample.guidance must be >= 0 (0 = no guidance), got {s.guidance}.")
+  if s.guidance > 0 and f.cond == "none":
+    raise ValueError("config.sample.guidance > 0 needs a class-conditional flow (flow.cond='none' here): "
+                     "set --config.sample.guidance=0.")
+  if s.jacobi_chunk < 0 or s.jacobi_threshold < 0 or s.jacobi_max_iters < 0:
+    raise ValueError("config.sample.jacobi_chunk, jacobi_threshold and jacobi_max_iters must be >= 0 "
+                     f"(0 = whole sequence / exact / chunk length), got {s.jacobi_chunk}, "
+                     f"{s.jacobi_threshold}, {s.jacobi_max_iters}.")
   if s.temperature <= 0:
     raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
   for name, classes in (("train.grid_classes", t.grid_classes), ("sample.classes", s.classes)):

@@ -1,4 +1,4 @@
-"""The autoregressive affine flow (TarFlow / STARFlow style; DESIGN.md section 4).
+"""The autoregressive affine flow (TarFlow / STARFlow style; SimFlow arXiv 2512.04084, TarFlow arXiv 2412.06329).
 
 Data -> noise, block k of K:
   1. permute the token sequence (identity for even k, reversal for odd k);
@@ -9,23 +9,13 @@ Data -> noise, block k of K:
      z_t = (x_t - b_t) * exp(-log_sigma_t);  logdet = -sum(log_sigma);
   4. undo the permutation.
 proj_out is zero-initialised, so a fresh flow is the identity with logdet 0.
-
-Public API (all pure: parameters and KV caches are arguments, never module state):
-  patchify(latents, p) -> tokens (B, T, p*p*c);  unpatchify(tokens, p, h, w) -> latents
-  Flow.from_config(flow_cfg, latent_hw, latent_channels, num_classes)
-  flow.apply(v, x_tokens, labels)                       -> (z, logdet (B,))          forward
-  flow.apply(v, x_tokens, labels, capture=(k, n))       -> (z, logdet, hidden)       + REPA hidden
-  forward(flow, params, x, labels)                      -> (z, logdet)
-  inverse(flow, params, z, labels, method, guide)       -> x   method: cached | dense
-  block_logdets(flow, params, x, labels)                -> (K, B) per-block log-dets
-Block-level pieces used by the sampler (sample.py): Flow.block_params (dense pass),
-Flow.block_step (one cached token), Flow.init_cache, plus `affine_params`.
-`labels` may be None for an unconditional flow; the null class is `num_classes`.
-A `guide(log_sigma, b, t) -> (log_sigma, b)` callable combines a doubled batch
-[conditional; null class] (2B, D) at token t into one stream (B, D)
-(classifier-free guidance, sample.py).
+Parameters and KV caches are arguments, never module state. Tokens are (B, T, D);
+`labels` (B,) may be None for an unconditional flow; the null class is `num_classes`.
+The inverse (noise -> data) lives in models/inverse.py, built on the block-level
+methods here: Flow.block_params (one dense causal pass), Flow.block_decode (S tokens
+against a KV cache, layers.init_kv_cache).
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import einops
 import flax.linen as nn
@@ -147,18 +137,21 @@ class FlowBlock(nn.Module):
       hidden = None if hidden is None else jnp.flip(hidden, 1)
     return z, logdet, hidden
 
-  def block_step(self, x_prev, t, cache, labels):
-    """One cached token in block order: feeds s_t (start if t == 0 else x_{t-1}, (B, D))
-    and returns (log_sigma_t, b_t) (B, D) for token t, and the updated cache."""
-    bsz = x_prev.shape[0]
+  def decode(self, x_in, pos, cache, labels):
+    """S tokens at block-order positions pos .. pos+S-1 against the KV cache.
+    x_in (B, S, D) holds the tokens one position earlier (x_{pos-1} .. x_{pos+S-2}; at
+    position 0 the start token is fed instead). Returns (log_sigma, b) (B, S, D) for
+    tokens pos .. pos+S-1, and the cache with their keys and values written."""
+    bsz, s_len, _ = x_in.shape
     c = self._cond(labels, bsz)
-    s = jnp.where(t == 0, self._start(bsz), self.proj_in(x_prev[:, None, :]))  # (B, 1, W)
-    s = s + jax.lax.dynamic_slice_in_dim(self.pos_embed, t, 1, axis=0)[None]
+    position = pos + jnp.arange(s_len)
+    s = jnp.where((position == 0)[None, :, None], self._start(bsz), self.proj_in(x_in))  # (B, S, W)
+    s = s + jax.lax.dynamic_slice_in_dim(self.pos_embed, pos, s_len, axis=0)[None]
     if self.cond == "add":
       s = s + c[:, None, :]
-    h, cache, _ = self.stack(s.astype(self.dtype), c, cache=cache, pos=t)
-    log_sigma, b = self._head(h, c, (t == 0)[None])
-    return log_sigma[:, 0], b[:, 0], cache
+    h, cache, _ = self.stack(s.astype(self.dtype), c, cache=cache, pos=pos)
+    log_sigma, b = self._head(h, c, position == 0)
+    return log_sigma, b, cache
 
 
 class Flow(nn.Module):
@@ -235,20 +228,13 @@ class Flow(nn.Module):
     log_sigma, b, _ = self.blocks[k].block_params(x_blk, labels)
     return log_sigma, b
 
-  def block_step(self, k: int, x_prev, t, cache, labels):
-    return self.blocks[k].block_step(x_prev, t, cache, labels)
-
-  def init_cache(self, k: int, batch: int):
-    return layers.init_kv_cache(self.layers_per_block[k], batch, self.seq_len, self.width,
-                                self.head_dim, self.dtype)
+  def block_decode(self, k: int, x_in, pos, cache, labels):
+    return self.blocks[k].decode(x_in, pos, cache, labels)
 
 
 # ------------------------------------------------------------------------------------
-# Pure functions over (flow, params): forward, and the two inverses.
+# Pure functions over (flow, params); the inverse is in models/inverse.py.
 # ------------------------------------------------------------------------------------
-Guide = Optional[Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]]
-
-
 def forward(flow: Flow, params, x, labels):
   """x (B, T, D) -> (z (B, T, D), logdet (B,))."""
   return flow.apply({"params": params}, x, labels)
@@ -257,63 +243,3 @@ def forward(flow: Flow, params, x, labels):
 def block_logdets(flow: Flow, params, x, labels):
   """(K, B) log-determinant of each block's map (data -> noise)."""
   return flow.apply({"params": params}, x, labels, per_block=True)[1]
-
-
-def _doubled(labels, num_classes, guide):
-  """With guidance, the batch is [conditional; null class]."""
-  if guide is None:
-    return labels
-  return jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-
-
-def invert_block_cached(flow: Flow, params, k: int, z_blk, labels, guide: Guide = None):
-  """Inverts block k token by token: lax.scan over t carrying (x_{t-1}, KV cache).
-  z_blk (B, T, D) in block order -> x_blk (B, T, D) in block order."""
-  bsz, t_len, d = z_blk.shape
-  lab = _doubled(labels, flow.num_classes, guide)
-  n = bsz if guide is None else 2 * bsz
-  cache = flow.apply({"params": params}, k, n, method=Flow.init_cache)
-
-  def step(carry, inputs):
-    x_prev, cache = carry
-    z_t, t = inputs
-    feed = x_prev if guide is None else jnp.concatenate([x_prev, x_prev])
-    log_sigma, b, cache = flow.apply({"params": params}, k, feed, t, cache, lab, method=Flow.block_step)
-    if guide is not None:
-      log_sigma, b = guide(log_sigma, b, t)
-    x_t = z_t * jnp.exp(log_sigma) + b
-    return (x_t, cache), x_t
-
-  xs = (jnp.swapaxes(z_blk, 0, 1), jnp.arange(t_len))  # z: (T, B, D)
-  _, x = jax.lax.scan(step, (jnp.zeros((bsz, d), jnp.float32), cache), xs)
-  return jnp.swapaxes(x, 0, 1)  # (B, T, D)
-
-
-def invert_block_dense(flow: Flow, params, k: int, z_blk, labels, guide: Guide = None):
-  """Reference inverse: T full causal passes (O(T^2) work), no cache."""
-  lab = _doubled(labels, flow.num_classes, guide)
-
-  def body(t, x):
-    feed = x if guide is None else jnp.concatenate([x, x])
-    log_sigma, b = flow.apply({"params": params}, k, feed, lab, method=Flow.block_params)
-    if guide is not None:
-      log_sigma, b = guide(log_sigma[:, t], b[:, t], t)
-    else:
-      log_sigma, b = log_sigma[:, t], b[:, t]
-    return x.at[:, t].set(z_blk[:, t] * jnp.exp(log_sigma) + b)
-
-  return jax.lax.fori_loop(0, z_blk.shape[1], body, jnp.zeros_like(z_blk))
-
-
-def inverse(flow: Flow, params, z, labels, method: str = "cached", guide_for_block=None):
-  """z (B, T, D) -> x (B, T, D), deep block first. `guide_for_block(k)` returns the
-  guide callable for block k (or None for no guidance there)."""
-  invert = {"cached": invert_block_cached, "dense": invert_block_dense}[method]
-  x = z.astype(jnp.float32)
-  for k in reversed(range(flow.num_blocks)):
-    guide = None if guide_for_block is None else guide_for_block(k)
-    reverse = k % 2 == 1
-    x_blk = jnp.flip(x, 1) if reverse else x
-    x_blk = invert(flow, params, k, x_blk, labels, guide)
-    x = jnp.flip(x_blk, 1) if reverse else x_blk
-  return x

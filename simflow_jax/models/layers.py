@@ -1,17 +1,17 @@
 """Transformer layers for the flow: causal attention with an explicit KV cache, MLP, adaLN.
 
-Public API:
-  TransformerLayer(width, head_dim, mlp_ratio, adaln, dtype)
-    __call__(carry, cache) -> (carry, cache)   one layer; `carry = (h, cond, pos, capture)`
-  LayerStack(depth, ..., scan, remat)
-    __call__(h, cond, cache=None, pos=None, capture_at=None) -> (h, cache, captured)
-  init_kv_cache(depth, batch, seq_len, width, head_dim, dtype) -> {'k', 'v'} of (L, B, T, H, Dh)
-
 Two modes share every parameter:
   dense   (cache is None): h is the whole sequence (B, T, W); causal mask.
-  decode  (cache given):   h is one token (B, 1, W) at position `pos`; its keys and
-                           values are written into the cache (a pytree, returned, never
-                           stored on the module) and it attends to positions <= pos.
+  decode  (cache given):   h holds S consecutive tokens (B, S, W) at positions
+                           pos .. pos+S-1; their keys and values are written into the
+                           cache and they attend to the positions <= their own.
+The cache is one block's: a tuple of one {'k', 'v'} per layer, that travels as a loop
+carry (a pytree argument and result, never module state), so a token loop updates it in
+place (a separate buffer per layer: XLA writes each without a copy):
+  k: (B, H, Dh, T)   keys stored transposed: q @ k needs no transpose
+  v: (B, H, T, Dh)
+Decode mode runs the layers unrolled (LayerStack(scan=False)); models/inverse.py
+unstacks scanned layer parameters once per block for it.
 Softmax and normalisation statistics run in float32 whatever the compute dtype.
 """
 from typing import Any, Optional
@@ -30,10 +30,11 @@ def modulate(x, shift, scale):
 
 def init_kv_cache(depth: int, batch: int, seq_len: int, width: int, head_dim: int,
                   dtype: Dtype = jnp.float32) -> dict:
-  """A zeroed KV cache for `depth` layers: {'k', 'v'} each (L, B, T, H, Dh)."""
+  """A zeroed KV cache: `depth` times {'k': (B, H, Dh, T), 'v': (B, H, T, Dh)}."""
   assert width % head_dim == 0, f"width {width} must be a multiple of head_dim {head_dim}"
-  shape = (depth, batch, seq_len, width // head_dim, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  heads = width // head_dim
+  return tuple({"k": jnp.zeros((batch, heads, head_dim, seq_len), dtype),
+                "v": jnp.zeros((batch, heads, seq_len, head_dim), dtype)} for _ in range(depth))
 
 
 class CausalAttention(nn.Module):
@@ -46,20 +47,32 @@ class CausalAttention(nn.Module):
     heads = self.width // self.head_dim
     dense = lambda name: nn.DenseGeneral((heads, self.head_dim), dtype=self.dtype, name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, S, H, Dh)
+    q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    s = x.shape[1]
     if cache is None:
-      t = x.shape[1]
-      mask = jnp.tril(jnp.ones((t, t), bool))  # (S, S): query i sees keys j <= i
+      mask = jnp.tril(jnp.ones((s, s), bool))  # (S, S): query i sees keys j <= i
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     else:
-      assert x.shape[1] == 1, f"decode mode takes one token at a time, got {x.shape[1]}"
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, axis=1)
+      # Write first, then read: the read is the buffer's last use before the next write.
+      k = jax.lax.dynamic_update_slice(
+          cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, pos))  # (B, H, Dh, T)
+      v = jax.lax.dynamic_update_slice(
+          cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, pos, 0))  # (B, H, T, Dh)
       cache = {"k": k, "v": v}
-      mask = (jnp.arange(k.shape[1]) <= pos)[None, :]  # (1, T): only filled positions
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
-    logits = logits / jnp.sqrt(self.head_dim).astype(jnp.float32)
-    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))  # (B, S, H, Dh)
+      k = k.astype(q.dtype)
+      mask = jnp.arange(k.shape[-1])[None, :] <= pos + jnp.arange(s)[:, None]         # (S, T)
+      if s == 1:  # a matrix-vector product: multiply-and-reduce reads the cache once, no copy
+        logits = jnp.sum(jnp.transpose(q, (0, 2, 3, 1)) * k, axis=2)[:, :, None, :]  # (B, H, 1, T)
+      else:
+        logits = jnp.einsum("bshd,bhdt->bhst", q, k)
+    logits = jnp.where(mask[None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, S, T)
+    if cache is None:
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    elif s == 1:
+      out = jnp.sum(weights[:, :, 0, :, None] * v.astype(self.dtype), axis=2)[:, None]  # (B, 1, H, Dh)
+    else:
+      out = jnp.einsum("bhst,bhtd->bshd", weights, v.astype(self.dtype))  # (B, S, H, Dh)
     out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return out, cache
 
@@ -78,7 +91,8 @@ class Mlp(nn.Module):
 
 class TransformerLayer(nn.Module):
   """Pre-norm layer. With adaln, LayerNorms have no affine and a zero-initialised
-  Dense(cond) gives shift/scale/gate (DiT adaLN-Zero), so a fresh layer is the identity."""
+  Dense(cond) gives shift/scale/gate (DiT adaLN-Zero), so a fresh layer is the identity.
+  `carry = (h, cond, pos, capture)`; `cache` is this layer's (decode mode) or None."""
   width: int
   head_dim: int = 64
   mlp_ratio: int = 4
@@ -86,7 +100,7 @@ class TransformerLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, cache):
+  def __call__(self, carry, cache=None):
     h, cond, pos, capture = carry
     ln = lambda name: nn.LayerNorm(use_scale=not self.adaln, use_bias=not self.adaln,
                                    dtype=jnp.float32, name=name)
@@ -110,7 +124,8 @@ class TransformerLayer(nn.Module):
 
 class LayerStack(nn.Module):
   """`depth` TransformerLayers; stacked with nn.scan (params get a leading layer axis)
-  or unrolled. `capture_at=n` also returns the hidden state after the n-th layer."""
+  or unrolled. `capture_at=n` also returns the hidden state after the n-th layer.
+  Decode mode (a cache given) needs the unrolled stack."""
   depth: int
   width: int
   head_dim: int = 64
@@ -134,16 +149,15 @@ class LayerStack(nn.Module):
       capture = None
     carry = (h, cond, pos, capture)
     if self.scan:
+      assert cache is None, "decode mode runs the layers unrolled: use LayerStack(scan=False)"
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=0, length=self.depth)(**kw, name="layers")
-      carry, cache = stack(carry, cache)
+                      length=self.depth)(**kw, name="layers")
+      carry, _ = stack(carry, None)
     else:
       new_cache = []
       for i in range(self.depth):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        carry, layer_cache = layer_cls(**kw, name=f"layer_{i}")(carry, layer_cache)
+        carry, layer_cache = layer_cls(**kw, name=f"layer_{i}")(carry, None if cache is None else cache[i])
         new_cache.append(layer_cache)
-      if cache is not None:
-        cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_cache)
+      cache = None if cache is None else tuple(new_cache)
     h, _, _, capture = carry
     return h, cache, (None if capture is None else capture[1])

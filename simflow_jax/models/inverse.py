@@ -1,0 +1,196 @@
+"""The flow's inverse (noise -> data): one block loop, and the per-block inverters beside it.
+
+Blocks run deep block first (block K-1, next to the Gaussian), each in its own token
+order (odd blocks reversed). Every block is inverted by one of
+  cached     token by token, a KV cache carried through a lax.scan (T sequential steps);
+  dense      T full causal passes, no cache (O(T^2) work: the reference);
+  jacobi     fixed-point (Jacobi) iteration, chunk by chunk (STARFlow): each iteration
+             decodes a whole chunk of tokens against the cache of the finished ones;
+and `method` picks them: 'cached' | 'dense' | 'jacobi' for every block, or 'selective'
+(GS-Jacobi, arXiv 2505.12849; selective Jacobi decoding, arXiv 2505.24791): the deep
+block, whose tokens depend most on each other, cached, the shallow blocks by Jacobi.
+Classifier-free guidance (models/guidance.py) runs each guided block on one doubled
+batch [conditional; null] (2B, ...) whose two streams a guide combines.
+
+Jacobi chunks hold `chunk` tokens (0 = the whole sequence); the last chunk is aligned to
+the end of the sequence (it may overlap finished tokens, which stay fixed points). The
+guess starts at the block's input z (a fresh block is the identity). A chunk stops when
+the relative change max_b max|x_new - x| / max|x_new| (over the chunk, per example, then
+the worst example) is below `threshold`, or after `max_iters` iterations (0 = the number
+of new tokens in the chunk). After j iterations the chunk's first j new tokens are exact,
+so the cap (also applied to larger max_iters) is exact decoding.
+"""
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from simflow_jax.models import flow as flow_lib, layers
+from simflow_jax.models.guidance import Guide
+
+METHODS = ("cached", "dense", "jacobi", "selective")
+_REL_EPS = 1e-6  # floor of the Jacobi change's denominator (all-zero chunks)
+
+
+def unroll_layers(flow: flow_lib.Flow, params):
+  """(flow, params) with the layers of every block unrolled (layer_0 .. layer_{L-1}), as
+  decode mode needs: a scanned stack's parameters (L, ...) are sliced once, here."""
+  if not flow.scan_layers:
+    return flow, params
+
+  def unstack(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if "transformer" in tree and "layers" in tree["transformer"]:
+      stacked = tree["transformer"]["layers"]
+      depth = jax.tree.leaves(stacked)[0].shape[0]
+      tree = {**tree, "transformer": {f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], stacked)
+                                      for i in range(depth)}}
+    return {name: unstack(sub) for name, sub in tree.items()}
+
+  return flow.clone(scan_layers=False, remat=False), unstack(params)
+
+
+def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guide]):
+  """Block k's affine parameters as functions of the tokens, guided if `guide` is given:
+    decode(x_in (B, S, D), pos, cache) -> (log_sigma, b (B, S, D), cache)   (Flow.block_decode)
+    dense(x (B, T, D)) -> (log_sigma, b (B, T, D))                          (Flow.block_params)
+    cache(batch) -> a zeroed cache of the (doubled when guided) batch.
+  """
+  if guide is not None:  # the doubled batch [conditional; null class]
+    labels = jnp.concatenate([labels, jnp.full_like(labels, flow.num_classes)])
+  twice = (lambda x: x) if guide is None else (lambda x: jnp.concatenate([x, x]))
+  combine = (lambda ls, b, pos: (ls, b)) if guide is None else guide
+  apply = lambda method, *args: flow.apply({"params": params}, k, *args, method=method)
+
+  def decode(x_in, pos, cache):
+    log_sigma, b, cache = apply(flow_lib.Flow.block_decode, twice(x_in), pos, cache, labels)
+    return (*combine(log_sigma, b, pos + jnp.arange(x_in.shape[1])), cache)
+
+  def dense(x):
+    return combine(*apply(flow_lib.Flow.block_params, twice(x), labels), jnp.arange(x.shape[1]))
+
+  def cache(batch):
+    n = batch if guide is None else 2 * batch
+    return layers.init_kv_cache(flow.layers_per_block[k], n, flow.seq_len, flow.width,
+                                flow.head_dim, flow.dtype)
+
+  return decode, dense, cache
+
+
+def _chunks(t_len: int, chunk: int) -> tuple[int, int]:
+  """(chunk length, number of chunks); chunk 0 or >= T is the whole sequence."""
+  c = t_len if chunk <= 0 else min(int(chunk), t_len)
+  return c, -(-t_len // c)
+
+
+def _chunk_lengths(t_len: int, chunk: int) -> jax.Array:
+  """New tokens per chunk, (num_chunks,) int32: the sequential steps a chunk costs."""
+  c, n = _chunks(t_len, chunk)
+  return jnp.asarray([min(c, t_len - j * c) for j in range(n)], jnp.int32)
+
+
+def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
+                        max_iters=0):
+  """Token by token with the KV cache as the scan carry (updated in place)."""
+  del threshold, max_iters
+  decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  bsz, t_len, d = z_blk.shape
+
+  def step(carry, inputs):
+    x_prev, cache = carry
+    z_t, t = inputs
+    log_sigma, b, cache = decode(x_prev[:, None], t, cache)  # (B, 1, D)
+    x_t = z_t * jnp.exp(log_sigma[:, 0]) + b[:, 0]
+    return (x_t, cache), x_t
+
+  xs = (jnp.swapaxes(z_blk, 0, 1), jnp.arange(t_len))  # z: (T, B, D)
+  _, x = jax.lax.scan(step, (jnp.zeros((bsz, d), jnp.float32), new_cache(bsz)), xs)
+  return jnp.swapaxes(x, 0, 1), _chunk_lengths(t_len, chunk)  # (B, T, D)
+
+
+def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
+                       max_iters=0):
+  """The reference: T full causal passes, token t set by pass t."""
+  del threshold, max_iters
+  _, dense, _ = _block_fns(flow, params, k, labels, guide)
+
+  def body(t, x):
+    log_sigma, b = dense(x)
+    return x.at[:, t].set(z_blk[:, t] * jnp.exp(log_sigma[:, t]) + b[:, t])
+
+  x = jax.lax.fori_loop(0, z_blk.shape[1], body, jnp.zeros_like(z_blk))
+  return x, _chunk_lengths(z_blk.shape[1], chunk)
+
+
+def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=1e-3,
+                        max_iters=0):
+  """Jacobi iteration chunk by chunk; returns (x_blk, iterations per chunk (num_chunks,)).
+  `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all)."""
+  decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  bsz, t_len, _ = z_blk.shape
+  c, num_chunks = _chunks(t_len, chunk)
+  max_iters = jnp.asarray(max_iters, jnp.int32)
+
+  def solve_chunk(carry, j):
+    x, cache = carry  # x (B, T, D): final before the chunk, the guess (z) after it
+    first = j * c
+    start = jnp.minimum(first, t_len - c)  # the last chunk ends at T
+    new = jnp.minimum(c, t_len - first)
+    limit = jnp.where(max_iters > 0, jnp.minimum(max_iters, new), new)
+    z_c = jax.lax.dynamic_slice_in_dim(z_blk, start, c, axis=1)                    # (B, C, D)
+    x_before = jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - 1, 0), 1, axis=1)  # (B, 1, D)
+
+    def cond(state):
+      _, _, it, rel = state
+      return (it < limit) & (rel >= threshold)
+
+    def body(state):
+      x_c, cache, it, _ = state
+      log_sigma, b, cache = decode(jnp.concatenate([x_before, x_c[:, :-1]], axis=1), start, cache)
+      x_new = z_c * jnp.exp(log_sigma) + b
+      change = jnp.max(jnp.abs(x_new - x_c), axis=(1, 2))  # (B,)
+      scale = jnp.max(jnp.abs(x_new), axis=(1, 2))          # (B,)
+      return x_new, cache, it + 1, jnp.max(change / jnp.maximum(scale, _REL_EPS))
+
+    x_c = jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)
+    x_c, cache, iters, _ = jax.lax.while_loop(
+        cond, body, (x_c, cache, jnp.int32(0), jnp.float32(jnp.inf)))
+    return (jax.lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), cache), iters
+
+  (x, _), iters = jax.lax.scan(solve_chunk, (z_blk.astype(jnp.float32), new_cache(bsz)),
+                               jnp.arange(num_chunks))
+  return x, iters
+
+
+_INVERTERS = {"cached": invert_block_cached, "dense": invert_block_dense, "jacobi": invert_block_jacobi}
+
+
+def block_method(flow: flow_lib.Flow, method: str, k: int) -> str:
+  """The inverter block k uses under `method` ('selective': the deep block cached, others Jacobi)."""
+  assert method in METHODS, f"inverse method {method!r} is not one of {METHODS}"
+  if method == "selective":
+    return "cached" if k == flow.num_blocks - 1 else "jacobi"
+  return method
+
+
+def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
+            guides: Optional[Sequence[Optional[Guide]]] = None, *, chunk: int = 0,
+            threshold=1e-3, max_iters=0):
+  """z (B, T, D) -> (x (B, T, D) float32, steps (K, num_chunks) int32).
+
+  guides[k] is block k's guide or None (models/guidance.py: block_guides); None = unguided.
+  steps[k] counts what each chunk of block k cost: Jacobi iterations, or for a block
+  decoded token by token its new tokens (the sequential steps). `chunk`, `threshold`
+  and `max_iters` act on the Jacobi blocks (see the module docstring).
+  """
+  x = z.astype(jnp.float32)
+  steps = [None] * flow.num_blocks
+  for k in reversed(range(flow.num_blocks)):
+    guide = None if guides is None else guides[k]
+    reverse = k % 2 == 1
+    x = jnp.flip(x, 1) if reverse else x
+    x, steps[k] = _INVERTERS[block_method(flow, method, k)](
+        flow, params, k, x, labels, guide, chunk, threshold, max_iters)
+    x = jnp.flip(x, 1) if reverse else x
+  return x, jnp.stack(steps)
