@@ -3,8 +3,6 @@ forward (z, log-det) and inverse against an independent numpy reference of TarFl
 equations (tests/tarflow_reference.py), on random ml-tarflow-named weights, float32."""
 import importlib.util
 import pathlib
-import subprocess
-import sys
 
 import einops
 import jax
@@ -51,6 +49,16 @@ def case(request):
   return make_case(request.param)
 
 
+@pytest.fixture(scope="module")
+def compiled(case):
+  """Jitted forward and inverses of the case's flow, compiled once for both label kinds."""
+  _, flow, _, _ = case
+  inverse = lambda method, chunk: jax.jit(lambda p, z, y: I.inverse(flow, p, z, y, method, chunk=chunk,
+                                                                    threshold=0.0)[0])
+  return {"forward": jax.jit(lambda p, x, y: F.forward(flow, p, x, y)),
+          "cached": inverse("cached", 0), "jacobi chunk 5": inverse("jacobi", 5)}
+
+
 def test_settings_and_token_layout(case):
   sd, flow, params, settings = case
   assert settings["image_size"] == N and settings["channels"] == CH and settings["flow"]["patch_size"] == P
@@ -77,8 +85,8 @@ def _labels(sd, null: bool):
 
 
 @pytest.mark.parametrize("null", [False, True], ids=["labels", "null_class"])
-def test_forward_and_inverse_match_reference(case, null):
-  sd, flow, params, _ = case
+def test_forward_and_inverse_match_reference(case, compiled, null):
+  sd, _, params, _ = case
   y_ref, y = _labels(sd, null)
   if null and y is None:
     pytest.skip("an unconditional flow has no null class")
@@ -91,7 +99,7 @@ def test_forward_and_inverse_match_reference(case, null):
   z_expect = tarflow.tarflow_tokens_to_ours(z_ref / np.sqrt(var), P, CH)
   logdet_expect = logdet_ref - 0.5 * np.log(var).sum()
   x = F.patchify(jnp.asarray(images, jnp.float32), P)              # (B, T, D) our order
-  z, logdet = F.forward(flow, params, x, y)
+  z, logdet = compiled["forward"](params, x, y)
   assert np.abs(z_ref - x_ref).max() > 1e-2, "the random TarFlow should not be the identity"
   np.testing.assert_allclose(z, z_expect, atol=1e-5, rtol=0)
   np.testing.assert_allclose(logdet, logdet_expect, rtol=1e-5, atol=0)
@@ -99,29 +107,30 @@ def test_forward_and_inverse_match_reference(case, null):
   eps = np.random.default_rng(3).standard_normal((2, T, D))       # our order
   x_expect = ref.reverse(sd, tarflow.ours_to_tarflow_tokens(eps, P, CH) * np.sqrt(var), y_ref, K, L, HEAD_DIM)
   x_expect = tarflow.tarflow_tokens_to_ours(x_expect, P, CH)
-  for method, chunk in (("cached", 0), ("jacobi", 0), ("jacobi", 5)):
-    x_inv, _ = I.inverse(flow, params, jnp.asarray(eps, jnp.float32), y, method, chunk=chunk, threshold=0.0)
-    np.testing.assert_allclose(x_inv, x_expect, atol=1e-5, rtol=0, err_msg=f"{method} chunk {chunk}")
+  for method in ("cached", "jacobi chunk 5"):  # Jacobi at threshold 0, chunks (5, 5, 5, 1)
+    x_inv = compiled[method](params, jnp.asarray(eps, jnp.float32), y)
+    np.testing.assert_allclose(x_inv, x_expect, atol=1e-5, rtol=0, err_msg=method)
 
 
 @pytest.mark.torch
-def test_convert_script_reads_a_torch_checkpoint(tmp_path):
+def test_convert_script_reads_a_torch_checkpoint(tmp_path, capsys):
   torch = pytest.importorskip("torch")
   from flax import serialization
+  spec = importlib.util.spec_from_file_location("convert_tarflow", _HERE.parent / "scripts" / "convert_tarflow.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
   sd = ref.random_state_dict(np.random.default_rng(7), K, L, D, C, T, NCLS)
   pth = tmp_path / "model.pth"
   torch.save({"_orig_mod." + k: torch.tensor(v, dtype=torch.float32) for k, v in sd.items()}, pth)
   out = tmp_path / "flow.msgpack"
-  script = _HERE.parent / "scripts" / "convert_tarflow.py"
-  run = subprocess.run([sys.executable, str(script), "--pth", str(pth), "--out", str(out),
-                        "--head_dim", str(HEAD_DIM), "--blocks", str(K), "--num_classes", str(NCLS)],
-                       capture_output=True, text=True, check=True)
-  assert "--config.flow.shift_side=output" in run.stdout and f"--config.data.image_size={N}" in run.stdout
+  args = ["--pth", str(pth), "--out", str(out), "--head_dim", str(HEAD_DIM)]
+  script.main(args + ["--blocks", str(K), "--num_classes", str(NCLS)])
+  printed = capsys.readouterr().out
+  assert "--config.flow.shift_side=output" in printed and f"--config.data.image_size={N}" in printed
   with open(out, "rb") as fh:
     params = serialization.msgpack_restore(fh.read())
   expected, _ = tarflow.convert_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, head_dim=HEAD_DIM)
   jax.tree.map(np.testing.assert_array_equal, params, expected)
   # A flag that disagrees with the checkpoint is a clear error.
-  bad = subprocess.run([sys.executable, str(script), "--pth", str(pth), "--out", str(out),
-                        "--head_dim", str(HEAD_DIM), "--channels", str(C + 1)], capture_output=True, text=True)
-  assert bad.returncode != 0 and "--channels" in bad.stderr
+  with pytest.raises(SystemExit, match="--channels"):
+    script.main(args + ["--channels", str(C + 1)])
