@@ -57,6 +57,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.token0 = "shift"          # shift (token 0 passes unchanged) | start_token
   f.scale = "exp"             # exp | softplus (STARFlow, with soft clip)
   f.soft_clip = 4.0           # softplus mode: o <- c * tanh(o / c)
+  # Options that make the flow exactly TarFlow (docs/flow.md; scripts/convert_tarflow.py):
+  f.shift_side = "input"      # input: feed [start, x_0..x_{T-2}] | output (TarFlow): feed
+                              # x_0..x_{T-1}, shift the predicted (a, b) one token later
+  f.final_norm = True         # LayerNorm before proj_out (TarFlow: none)
+  f.ln_eps = 1e-6             # LayerNorm epsilon (TarFlow: 1e-5)
+  f.gelu = "tanh"             # tanh | exact (TarFlow: exact)
+  f.null_class = "learned"    # CFG null class: learned (extra row) | mean (TarFlow: mean of the rows)
+  f.prior_std = False         # learned per-position prior std (T, D) (TarFlow's `var`)
   f.dtype = "float32"         # transformer compute dtype; a, b, log-dets stay float32
   f.remat = False
   f.scan_layers = True

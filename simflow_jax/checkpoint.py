@@ -37,6 +37,13 @@ _SHAPING = ("data.image_size", "data.channels", "data.num_classes", "vae", "flow
             "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan", "train.variant")
 
 
+# Flow options added after checkpoints were first written (the TarFlow options): left out
+# of the fingerprint while they hold these values (today's behaviour), so those checkpoints
+# still resume.
+_FLOW_ADDED = {"shift_side": "input", "final_norm": True, "ln_eps": 1e-6, "gelu": "tanh",
+               "null_class": "learned", "prior_std": False}
+
+
 def fingerprint(config) -> dict:
   out = {}
   for key in _SHAPING:
@@ -44,6 +51,7 @@ def fingerprint(config) -> dict:
     for part in key.split("."):
       node = node[part]
     out[key] = node.to_dict() if hasattr(node, "to_dict") else node
+  out["flow"] = {k: v for k, v in out["flow"].items() if not (k in _FLOW_ADDED and v == _FLOW_ADDED[k])}
   return json.loads(json.dumps(out, default=list, sort_keys=True))
 
 

@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 
 from configs import base
-from simflow_jax import losses
+from simflow_jax import checkpoint, losses
+from simflow_jax.models import build
 from simflow_jax.models import flow as F
 from simflow_jax.models import inverse as I
 
 T, D, NCLS = 8, 4, 3
 
 
-def make_flow(cond="adaln", token0="shift", scale="exp", scan=True, layers=(1, 2), cond_blocks="all"):
+# The options that make the flow TarFlow (docs/flow.md), all at once.
+TARFLOW = dict(shift_side="output", final_norm=False, ln_eps=1e-5, gelu="exact", null_class="mean",
+               prior_std=True)
+
+
+def make_flow(cond="adaln", token0="shift", scale="exp", scan=True, layers=(1, 2), cond_blocks="all",
+              **options):
   return F.Flow(seq_len=T, token_dim=D, width=32, layers_per_block=layers, head_dim=16,
                 cond=cond, cond_blocks=cond_blocks, num_classes=NCLS, token0=token0, scale=scale,
-                scan_layers=scan)
+                scan_layers=scan, **options)
 
 
 def perturbed_params(flow, seed=0, std=0.1):
@@ -36,16 +43,23 @@ def data(b=2, seed=0):
   return x, y
 
 
-# A covering subset: every conditioning x token0 pair, and both scales for each token0.
-VARIANTS = [("adaln", "shift", "exp"), ("adaln", "start_token", "softplus"), ("add", "shift", "softplus"),
-            ("add", "start_token", "exp"), ("none", "shift", "exp"), ("none", "start_token", "softplus")]
+# A covering subset: every conditioning x token0 pair, and both scales for each token0;
+# then TarFlow (every option of TARFLOW at once).
+VARIANTS = [("adaln", "shift", "exp", {}), ("adaln", "start_token", "softplus", {}),
+            ("add", "shift", "softplus", {}), ("add", "start_token", "exp", {}),
+            ("none", "shift", "exp", {}), ("none", "start_token", "softplus", {}),
+            ("add", "shift", "exp", TARFLOW)]
 
 
-@pytest.mark.parametrize("cond,token0,scale", VARIANTS)
-def test_inverse_of_forward_cached_and_dense(cond, token0, scale):
-  flow = make_flow(cond, token0, scale)
-  params = perturbed_params(flow)
+@pytest.mark.parametrize("cond,token0,scale,options", VARIANTS)
+def test_inverse_of_forward_cached_and_dense(cond, token0, scale, options):
+  flow = make_flow(cond, token0, scale, **options)
+  # Without the final LayerNorm proj_out reads the raw residual stream: smaller
+  # perturbations keep the random map well conditioned.
+  params = perturbed_params(flow, std=0.1 if flow.final_norm else 0.05)
   x, y = data()
+  if flow.null_class == "mean":  # one example of the null class (the mean embedding)
+    y = y.at[1].set(NCLS)
   labels = None if cond == "none" else y
   z, logdet = F.forward(flow, params, x, labels)
   assert z.shape == x.shape and logdet.shape == (2,)
@@ -55,18 +69,22 @@ def test_inverse_of_forward_cached_and_dense(cond, token0, scale):
     np.testing.assert_allclose(x_rec, x, atol=1e-4, err_msg=method)
 
 
-@pytest.mark.parametrize("token0,scale", [("shift", "exp"), ("start_token", "softplus")])
-def test_block_logdets_match_jacobian(token0, scale):
-  flow = make_flow("adaln", token0, scale)
-  params = perturbed_params(flow, std=0.2)
+@pytest.mark.parametrize("token0,scale,options", [("shift", "exp", {}), ("start_token", "softplus", {}),
+                                                 ("shift", "exp", TARFLOW)])
+def test_block_logdets_match_jacobian(token0, scale, options):
+  flow = make_flow("adaln" if not options else "add", token0, scale, **options)
+  params = perturbed_params(flow, std=0.2 if flow.final_norm else 0.05)
   x, y = data(b=1)
   lds = F.block_logdets(flow, params, x, y)  # (K, 1)
-  # Per-block maps: run block k alone through a one-block view of the same params.
+  # Per-block maps: run block k alone through a one-block view of the same params; the
+  # prior std's scaling (prior_std) is counted in the last block's.
   z = x
   for k in range(flow.num_blocks):
     def block_map(flat, k=k):
       out, _, _ = flow.apply({"params": params}, flat.reshape(1, T, D), y,
                              method=lambda m, a, l: m.blocks[k](a, l))
+      if flow.prior_std and k == flow.num_blocks - 1:
+        out = out * jnp.exp(-params["prior_log_std"])
       return out.reshape(-1)
     jac = jax.jacfwd(block_map)(z.reshape(-1))  # (T*D, T*D)
     sign, logabsdet = np.linalg.slogdet(np.asarray(jac, np.float64))
@@ -78,9 +96,9 @@ def test_block_logdets_match_jacobian(token0, scale):
   np.testing.assert_allclose(total, lds.sum(0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("token0", ["shift", "start_token"])
-def test_causality_in_block_order(token0):
-  flow = make_flow("adaln", token0, layers=(2, 2))
+@pytest.mark.parametrize("token0,shift_side", [("shift", "input"), ("start_token", "input"), ("shift", "output")])
+def test_causality_in_block_order(token0, shift_side):
+  flow = make_flow("adaln", token0, layers=(2, 2), shift_side=shift_side)
   params = perturbed_params(flow)
   x, y = data(b=1)
   for k in range(flow.num_blocks):
@@ -102,6 +120,13 @@ def test_causality_in_block_order(token0):
 def test_fresh_flow_is_identity():
   for token0, scale in itertools.product(["shift", "start_token"], ["exp", "softplus"]):
     flow = make_flow("adaln", token0, scale)
+    x, y = data()
+    params = flow.init(jax.random.key(0), x, y)["params"]
+    z, logdet = F.forward(flow, params, x, y)
+    np.testing.assert_allclose(z, x, atol=1e-6)
+    np.testing.assert_allclose(logdet, 0.0, atol=1e-5)
+  for cond in ("add", "adaln"):  # TarFlow's options: the prior std starts at 1
+    flow = make_flow(cond, **TARFLOW)
     x, y = data()
     params = flow.init(jax.random.key(0), x, y)["params"]
     z, logdet = F.forward(flow, params, x, y)
@@ -227,3 +252,39 @@ def test_bfloat16_transformer_keeps_float32_outputs():
   # Cached bf16 decoding rounds differently from the dense pass, so invertibility is
   # approximate at bf16 precision; float32 (the test above) is exact to 1e-4.
   np.testing.assert_allclose(I.inverse(flow, params, z, y)[0], x, atol=0.1)
+
+
+def test_flow_options_validated_once_and_old_fingerprints_kept():
+  for field, value, match in (("shift_side", "middle", "flow.shift_side"), ("gelu", "relu", "flow.gelu"),
+                              ("null_class", "zero", "flow.null_class"), ("ln_eps", 0.0, "flow.ln_eps"),
+                              ("token0", "start_token", "token0=shift")):
+    config = base.get_base_config()
+    config.flow.shift_side = "output"
+    config.flow[field] = value
+    with pytest.raises(ValueError, match=match):
+      build.validate_config(config)
+  # The defaults are today's flow, whose checkpoints' fingerprint has none of the new fields.
+  config = base.get_base_config()
+  flow = F.Flow.from_config(config.flow, (8, 8), 4, NCLS)
+  assert (flow.shift_side, flow.final_norm, flow.ln_eps, flow.gelu, flow.null_class, flow.prior_std) == (
+      "input", True, 1e-6, "tanh", "learned", False)
+  assert not set(TARFLOW) & set(checkpoint.fingerprint(config)["flow"])
+  config.flow.update(TARFLOW)
+  build.validate_config(config)
+  assert checkpoint.fingerprint(config)["flow"]["gelu"] == "exact"
+
+
+def test_mean_null_class_is_the_mean_embedding():
+  flow = make_flow("add", null_class="mean")
+  params = perturbed_params(flow)
+  table = params["block_0"]["class_embed"]["embedding"]
+  assert table.shape == (NCLS, 32)  # no extra null row
+  x, _ = data(b=1)
+  run = lambda p, y: F.forward(flow, p, x, jnp.array([y]))[0]
+  # Replacing the rows by their mean makes every class the null class.
+  mean_params = jax.tree.map(lambda a: a, params)
+  for k in ("block_0", "block_1"):
+    emb = params[k]["class_embed"]["embedding"]
+    mean_params[k] = {**params[k], "class_embed": {"embedding": jnp.broadcast_to(emb.mean(0), emb.shape)}}
+  np.testing.assert_allclose(run(params, NCLS), run(mean_params, 0), atol=1e-6)
+  assert float(jnp.abs(run(params, NCLS) - run(params, 0)).max()) > 1e-3

@@ -174,6 +174,30 @@ def test_cached_dense_jacobi_and_selective_agree(flow_case, rule, schedule):
     np.testing.assert_array_equal(steps, [[5, 5, 2]] * 2)
 
 
+def test_tarflow_options_every_inverse_agrees():
+  """TarFlow's options (output-side shift, no final LayerNorm, exact GELU, LayerNorm eps
+  1e-5, mean null class, learned prior std; docs/flow.md): the inverters stay exact,
+  unguided and guided (the null stream is the mean class embedding)."""
+  flow = F.Flow(seq_len=T, token_dim=D, width=32, layers_per_block=(1, 2), head_dim=16, cond="add",
+                num_classes=NCLS, shift_side="output", final_norm=False, ln_eps=1e-5, gelu="exact",
+                null_class="mean", prior_std=True)
+  params = perturbed_params(flow, std=0.03)  # without the final LayerNorm larger ones blow up the inverse
+  z, y = noise()
+  exact, _ = jitted_inverse(flow, "dense")(params, z, y)
+  # The inverse starts from z * prior std and undoes the forward map.
+  z_back, _ = F.forward(flow, params, exact, y)
+  np.testing.assert_allclose(z_back, z, atol=1e-5)
+  assert float(jnp.abs(exact - z).max()) > 1e-2, "perturbed flow should not be the identity"
+  guides = G.block_guides(flow, 1.5, "gaussian", "anneal")
+  guided, _ = jitted_inverse(flow, "dense", guides)(params, z, y)
+  assert float(jnp.abs(guided - exact).max()) > 1e-3
+  for reference, g, methods in ((exact, None, ("cached", "jacobi")), (guided, guides, ("cached", "selective"))):
+    for method in methods:  # uneven chunks (5, 5, 2), threshold 0
+      x, steps = jitted_inverse(flow, method, g, chunk=5)(params, z, y)
+      np.testing.assert_allclose(x, reference, atol=1e-5, err_msg=f"{method} guided={g is not None}")
+      np.testing.assert_array_equal(steps, [[5, 5, 2]] * 2)
+
+
 def test_jacobi_whole_sequence_and_iteration_caps(flow_case):
   flow, params, z, y, exact = flow_case
   # chunk 0 = the whole sequence, exact after T iterations.

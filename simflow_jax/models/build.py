@@ -64,6 +64,14 @@ def validate_config(config) -> None:
   for name in ("w_l1", "w_lpips", "w_kl", "w_gan", "w_nf"):
     if l[name] < 0:
       raise ValueError(f"config.loss.{name} must be >= 0, got {l[name]}.")
+  _choice("flow.shift_side", f.shift_side, flow_lib.SHIFT_SIDES)
+  _choice("flow.gelu", f.gelu, flow_lib.GELUS)
+  _choice("flow.null_class", f.null_class, flow_lib.NULL_CLASSES)
+  if f.shift_side == "output" and f.token0 != "shift":
+    raise ValueError("config.flow.shift_side='output' feeds x_0 at position 0 and never reads a start "
+                     f"token: set --config.flow.token0=shift (got {f.token0!r}).")
+  if not f.ln_eps > 0:
+    raise ValueError(f"config.flow.ln_eps must be > 0, got {f.ln_eps}.")
   if not f.layers or any(n < 1 for n in f.layers):
     raise ValueError(f"config.flow.layers must be a non-empty list of positive layer counts, got {f.layers}.")
   if d.batch_size < 1 or t.num_steps < 0:

@@ -177,14 +177,14 @@ def block_method(flow: flow_lib.Flow, method: str, k: int) -> str:
 def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
             guides: Optional[Sequence[Optional[Guide]]] = None, *, chunk: int = 0,
             threshold=1e-3, max_iters=0):
-  """z (B, T, D) -> (x (B, T, D) float32, steps (K, num_chunks) int32).
+  """z (B, T, D) standard normal -> (x (B, T, D) float32, steps (K, num_chunks) int32).
 
   guides[k] is block k's guide or None (models/guidance.py: block_guides); None = unguided.
   steps[k] counts what each chunk of block k cost: Jacobi iterations, or for a block
   decoded token by token its new tokens (the sequential steps). `chunk`, `threshold`
   and `max_iters` act on the Jacobi blocks (see the module docstring).
   """
-  x = z.astype(jnp.float32)
+  x = flow.apply({"params": params}, z.astype(jnp.float32), method=flow_lib.Flow.from_prior)
   steps = [None] * flow.num_blocks
   for k in reversed(range(flow.num_blocks)):
     guide = None if guides is None else guides[k]

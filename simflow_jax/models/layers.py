@@ -81,11 +81,12 @@ class Mlp(nn.Module):
   width: int
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = True  # tanh GELU; False = exact (erf) GELU
 
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.width * self.mlp_ratio, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     return nn.Dense(self.width, dtype=self.dtype, name="fc2")(x)
 
 
@@ -98,12 +99,14 @@ class TransformerLayer(nn.Module):
   mlp_ratio: int = 4
   adaln: bool = False
   dtype: Dtype = jnp.float32
+  ln_eps: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, carry, cache=None):
     h, cond, pos, capture = carry
-    ln = lambda name: nn.LayerNorm(use_scale=not self.adaln, use_bias=not self.adaln,
-                                   dtype=jnp.float32, name=name)
+    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, use_scale=not self.adaln,
+                                   use_bias=not self.adaln, dtype=jnp.float32, name=name)
     if self.adaln:
       mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(cond))
       s1, c1, g1, s2, c2, g2 = jnp.split(mod, 6, axis=-1)  # each (B, W)
@@ -114,7 +117,8 @@ class TransformerLayer(nn.Module):
     h = h + (g1[:, None, :] * a_out if self.adaln else a_out).astype(h.dtype)
     m_in = ln("norm2")(h)
     m_in = modulate(m_in, s2, c2) if self.adaln else m_in
-    m_out = Mlp(self.width, self.mlp_ratio, self.dtype, name="mlp")(m_in.astype(self.dtype))
+    m_out = Mlp(self.width, self.mlp_ratio, self.dtype, self.approximate_gelu, name="mlp")(
+        m_in.astype(self.dtype))
     h = h + (g2[:, None, :] * m_out if self.adaln else m_out).astype(h.dtype)
     if capture is not None:  # (index, value): keep h after layer `capture_at`
       index, value = capture
@@ -134,6 +138,8 @@ class LayerStack(nn.Module):
   dtype: Dtype = jnp.float32
   scan: bool = True
   remat: bool = False
+  ln_eps: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, h, cond, cache=None, pos=None, capture_at: Optional[int] = None):
@@ -141,7 +147,8 @@ class LayerStack(nn.Module):
     if self.remat:
       layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan)
     kw = dict(width=self.width, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
-              adaln=self.adaln, dtype=self.dtype)
+              adaln=self.adaln, dtype=self.dtype, ln_eps=self.ln_eps,
+              approximate_gelu=self.approximate_gelu)
     if capture_at is not None:
       assert 1 <= capture_at <= self.depth, f"capture layer {capture_at} not in [1, {self.depth}]"
       capture = (jnp.asarray(capture_at, jnp.int32), jnp.zeros_like(h))
