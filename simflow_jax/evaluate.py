@@ -166,7 +166,7 @@ def _inception_featurizer(config):
 
 
 def _digit_featurizer(config, out_dir: str):
-  clf = digits.get_digit_classifier(os.path.join(out_dir, "digit_classifier"),
+  clf = digits.get_digit_classifier(config.eval.classifier_dir or os.path.join(out_dir, "digit_classifier"),
                                     steps=config.eval.classifier_steps, seed=config.seed)
 
   def features(images):

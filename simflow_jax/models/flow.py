@@ -217,8 +217,8 @@ class Flow(nn.Module):
         for k, depth in enumerate(self.layers_per_block)]
 
   def __call__(self, x, labels, capture: Optional[tuple[int, int]] = None, per_block: bool = False):
-    """x (B, T, D) -> (z (B, T, D) float32, logdet (B,) or (K, B) if per_block[, hidden]).
-    capture=(k, n): also return block k's hidden state after layer n (natural order)."""
+    """x (B, T, D) -> (z (B, T, D) float32, logdet (B,) or (K, B) if per_block, hidden).
+    hidden: with capture=(k, n), block k's hidden state after layer n (natural order), else None."""
     if capture is not None:
       cap_block = capture[0] % self.num_blocks
     hidden, logdets = None, []
@@ -228,7 +228,7 @@ class Flow(nn.Module):
       logdets.append(ld)
       hidden = h if h is not None else hidden
     logdet = jnp.stack(logdets) if per_block else sum(logdets)
-    return (z, logdet) if capture is None else (z, logdet, hidden)
+    return z, logdet, hidden
 
   # --- block-level methods for the inverse and the sampler (apply with method=...) ---
   def block_params(self, k: int, x_blk, labels):
@@ -251,7 +251,8 @@ Guide = Optional[Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ja
 
 def forward(flow: Flow, params, x, labels):
   """x (B, T, D) -> (z (B, T, D), logdet (B,))."""
-  return flow.apply({"params": params}, x, labels)
+  z, logdet, _ = flow.apply({"params": params}, x, labels)
+  return z, logdet
 
 
 def block_logdets(flow: Flow, params, x, labels):
