@@ -150,7 +150,8 @@ def _load_frozen_vae(state, config, models):
   source = _vae_source_config(config)
   src = checkpoint.load_params(config.train.vae_checkpoint, source, use_ema=True)
   vae = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), src["vae"], state.params["vae"])
-  return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": vae})
+  ema = jax.tree.map(jnp.copy, vae)  # own buffers: the step donates params and EMA separately
+  return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": ema})
 
 
 # The fields that must agree between a run and the run its VAE comes from.
