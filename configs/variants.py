@@ -50,6 +50,7 @@ class Row:
   stage1: Optional[str] = None      # PRESETS name of the VAE trained alone first
   paper: Optional[tuple] = None     # (rFID, PSNR, gFID w/o CFG), ImageNet 256, paper Fig. 5
   sigma_bar: Optional[float] = None  # fixed std of the end-to-end sweep (paper Fig. 3a)
+  fig3a: bool = False               # drawn in the robustness figure (the sweep vs learnable var)
 
 
 ROWS = {r.name: r for r in (
@@ -58,11 +59,11 @@ ROWS = {r.name: r for r in (
     Row("frozen_vae_fixed_ln", "frozen VAE / fixed var + LN", "vae_fixed_ln", (1.07, 24.43, 55.41)),
     Row("frozen_encoder_noise", "frozen encoder / noise", "vae_learned", (4.07, 19.94, 39.33)),
     Row("end_to_end_noise", "end-to-end / noise", None, (1.39, 23.20, 20.01)),
-    Row("simflow", "end-to-end / fixed var 0.5 (SimFlow)", None, (1.76, 22.61, 16.97), 0.5),
-    Row("end_to_end_learned", "end-to-end / learnable var"),
-    Row("sigma_0.1", "end-to-end / fixed var 0.1", sigma_bar=0.1),
-    Row("sigma_0.25", "end-to-end / fixed var 0.25", sigma_bar=0.25),
-    Row("sigma_1.0", "end-to-end / fixed var 1.0", sigma_bar=1.0),
+    Row("simflow", "end-to-end / fixed var 0.5 (SimFlow)", None, (1.76, 22.61, 16.97), 0.5, True),
+    Row("end_to_end_learned", "end-to-end / learnable var", fig3a=True),
+    Row("sigma_0.1", "end-to-end / fixed var 0.1", sigma_bar=0.1, fig3a=True),
+    Row("sigma_0.25", "end-to-end / fixed var 0.25", sigma_bar=0.25, fig3a=True),
+    Row("sigma_1.0", "end-to-end / fixed var 1.0", sigma_bar=1.0, fig3a=True),
 )}
 
 

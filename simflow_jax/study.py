@@ -233,7 +233,7 @@ def aggregate(results: list, rows: list) -> dict:
       continue
     entry = {"label": row.label, "seeds": sorted(r["seed"] for r in mine),
              "paper": None if row.paper is None else dict(zip(("rfid", "psnr", "gfid_no_cfg"), row.paper)),
-             "sigma_bar": row.sigma_bar, "stage1": row.stage1, "metrics": {}}
+             "sigma_bar": row.sigma_bar, "fig3a": row.fig3a, "stage1": row.stage1, "metrics": {}}
     for name, _, _ in METRICS:
       mean, std, n = _mean_std(r["metrics"][name] for r in mine)
       entry["metrics"][name] = {"mean": mean, "std": std, "n": n}
@@ -297,15 +297,14 @@ def plot_gen_fd(table: dict, path: str) -> None:
 
 def plot_robustness_sweep(table: dict, path: str) -> None:
   """Fig. 3a: decoder PSNR under latent noise, end-to-end fixed sigma_bar vs learnable."""
-  chosen = [n for n, e in table.items()
-            if e.get("robustness") and (e["sigma_bar"] is not None or n == "end_to_end_learned")]
+  chosen = [n for n, e in table.items() if e.get("robustness") and e["fig3a"]]
   if not chosen:
     return
   fig = _figure()(figsize=(5.5, 3.8))
   ax = fig.add_subplot(1, 1, 1)
   for n in sorted(chosen, key=lambda k: table[k]["sigma_bar"] or 0.0):
     curve = table[n]["robustness"]
-    label = f"fixed sigma_bar={table[n]['sigma_bar']:g}" if table[n]["sigma_bar"] else "learnable var"
+    label = table[n]["label"].replace("end-to-end / ", "")
     ax.errorbar([p["s"] for p in curve], [p["psnr"] for p in curve],
                 yerr=[p["psnr_std"] or 0.0 for p in curve], marker="o", capsize=2, label=label)
   ax.set_xlabel("noise scale s (decode mu + s * eps)")
