@@ -81,13 +81,18 @@ def _settings(config) -> dict:
 
 
 def resolve_rows(config) -> list:
-  """The rows to run, in table order; unknown names are an error naming the known ones."""
+  """The rows to run, in the order given (table order when none is given); unknown names are
+  an error naming the known ones."""
   names = list(config.study.rows) or list(QUICK_ROWS if config.study.quick else variants.ROWS)
   unknown = [n for n in names if n not in variants.ROWS]
   if unknown:
     raise StudyError(f"Unknown study row(s) {unknown}; choose from {tuple(variants.ROWS)} "
                      "(config.study.rows, or configs/study_digits.py:ROW1,ROW2).")
-  return [variants.ROWS[n] for n in variants.ROWS if n in names]
+  return [variants.ROWS[n] for n in dict.fromkeys(names)]
+
+
+def _table_order(rows: list) -> list:
+  return sorted(rows, key=list(variants.ROWS).index)
 
 
 def _stage1_steps(steps: int, fraction: float) -> int:
@@ -369,7 +374,7 @@ def run(config, workdir: str) -> dict:
                  "skipped (done)" if was_done else "trained+evaluated", dt,
                  m["gen_fd"] or np.nan, m["gen_fd_guided"] or np.nan, m["rfd"] or np.nan,
                  m["psnr"] or np.nan, eta / 60)
-    table = aggregate(results, resolve_rows(config))  # after every row-seed: partial tables
+    table = aggregate(results, _table_order(resolve_rows(config)))  # after every row-seed
     write_outputs(table, results, out_dir)
     loads.append(os.getloadavg()[1])
     wall = time.time() - t_start
