@@ -92,7 +92,7 @@ def resolve_rows(config) -> list:
 
 
 def _table_order(rows: list) -> list:
-  return sorted(rows, key=list(variants.ROWS).index)
+  return sorted(rows, key=lambda row: list(variants.ROWS).index(row.name))
 
 
 def _stage1_steps(steps: int, fraction: float) -> int:
@@ -257,6 +257,8 @@ def aggregate(results: list, rows: list) -> dict:
 def _fmt(m, digits_after=2):
   if m["mean"] is None:
     return "n/a"
+  if m["n"] < 2:
+    return f"{m['mean']:.{digits_after}f}"
   return f"{m['mean']:.{digits_after}f} ± {m['std']:.{digits_after}f}"
 
 
@@ -264,12 +266,13 @@ def table_markdown(table: dict) -> str:
   cols = [("rfd", 1), ("psnr", 2), ("gen_fd", 1), ("gen_fd_guided", 1), ("class_acc", 3),
           ("bits_per_dim", 3)]
   labels = dict((n, l) for n, l, _ in METRICS)
-  head = ["row", "config / method"] + [labels[c] for c, _ in cols] + ["paper rFID / PSNR / gFID"]
+  head = (["row", "config / method", "seeds"] + [labels[c] for c, _ in cols]
+          + ["paper rFID / PSNR / gFID"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, e in table.items():
     paper = "-" if e["paper"] is None else " / ".join(f"{v:g}" for v in e["paper"].values())
-    lines.append("| " + " | ".join([name, e["label"]] + [_fmt(e["metrics"][c], d) for c, d in cols]
-                                   + [paper]) + " |")
+    lines.append("| " + " | ".join([name, e["label"], str(len(e["seeds"]))]
+                                   + [_fmt(e["metrics"][c], d) for c, d in cols] + [paper]) + " |")
   stats = ["| row | " + " | ".join(s.replace("_", " ") for s in STAT_NAMES) + " |",
            "|" + "---|" * (len(STAT_NAMES) + 1)]
   for name, e in table.items():
@@ -334,6 +337,21 @@ def write_outputs(table: dict, results: list, out_dir: str) -> None:
     first = min((r for r in results if r["row"] == name), key=lambda r: r["seed"])
     if os.path.exists(first["samples_png"]):
       shutil.copyfile(first["samples_png"], os.path.join(out_dir, "samples", f"{name}.png"))
+
+
+def report(config, workdir: str) -> dict:
+  """Rewrites DIR/study's table and figures from the row-seeds finished so far (no training)."""
+  results = []
+  for job in plan(config, workdir):
+    path = os.path.join(job["dir"], STUDY_FILE)
+    if os.path.exists(path) and _finished(job["dir"], job["config"]):
+      with open(path) as f:
+        results.append(json.load(f))
+  if not results:
+    raise StudyError(f"No finished row-seed in {workdir}: run the study first.")
+  table = aggregate(results, _table_order(resolve_rows(config)))
+  write_outputs(table, results, os.path.join(workdir, "study"))
+  return table
 
 
 # ------------------------------------------------------------------------------------
