@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config file (configs/*.py), optionally with ':argument'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs (default: "
                                "/tmp/simflow_<config name>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "evaluate", "dry_run"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "evaluate", "dry_run", "study"],
                           "What to run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-node GPU: total processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-node GPU: this process's index.")
@@ -40,6 +40,7 @@ MODES = {
     "likelihood": ("simflow_jax.likelihood", "run"),
     "evaluate": ("simflow_jax.evaluate", "run"),
     "dry_run": ("simflow_jax.dry_run", "run"),
+    "study": ("simflow_jax.study", "run"),
 }
 USAGE_EXIT = 2
 

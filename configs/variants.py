@@ -1,22 +1,78 @@
-"""The paper's gradient-path studies (DESIGN.md section 5) as config edits, not forks.
+"""The paper's variant study (Sec. 4.3, Fig. 5) as presets over declared settings.
 
-Use as a config argument: `--config=configs/imagenet256.py:learned_variance`.
-  end_to_end        SimFlow: fixed posterior std, everything trains (default)
-  frozen_vae        a pretrained VAE (train.vae_checkpoint) is frozen; only the flow trains
-  frozen_encoder    encoder frozen (from train.vae_checkpoint); decoder and flow train
-  learned_variance  standard VAE posterior (mu, log-variance + KL), trained end to end
-  noise_augmented   learned variance + N(0, 0.3^2) noise on the flow's input (STARFlow)
+A preset is a handful of plain config fields, never a name the code compares:
+  train.freeze         none | vae | encoder | flow (flow = the VAE trains alone: stage 1)
+  vae.posterior        learned | fixed | fixed_ln;  vae.sigma_bar (the fixed std)
+  loss.flow_noise_std  Gaussian noise on the flow's input (0 = none; STARFlow 0.3)
+  loss.decode_noisy    the decoder, where it trains, decodes those same noisy latents
+  train.vae_checkpoint the run a frozen VAE / encoder comes from (set by the user or the study)
+Use as a config argument: `--config=configs/demo.py:learned_variance`.
+
+ROWS are the study's rows (simflow_jax/study.py): a preset, the stage-1 preset of a
+two-stage row (its VAE trained alone first), and the paper's numbers
+(ImageNet 256, Fig. 5: rFID, PSNR, gFID without guidance) where the paper has the row.
 """
-from configs.base import VARIANTS
+import dataclasses
+from typing import Optional
+
+STAGE1 = {"train.freeze": "flow"}  # the VAE alone: reconstruction + KL of its posterior
+
+PRESETS = {
+    # Names kept from earlier versions.
+    "end_to_end": {},
+    "frozen_vae": {"train.freeze": "vae"},
+    "frozen_encoder": {"train.freeze": "encoder"},
+    "learned_variance": {"vae.posterior": "learned"},
+    "noise_augmented": {"vae.posterior": "learned", "loss.flow_noise_std": 0.3},
+    # Stage-1 VAEs of the two-stage rows.
+    "vae_learned": {**STAGE1, "vae.posterior": "learned"},
+    "vae_fixed": {**STAGE1, "vae.posterior": "fixed"},
+    "vae_fixed_ln": {**STAGE1, "vae.posterior": "fixed_ln"},
+    # The study's rows.
+    "frozen_vae_learned": {"train.freeze": "vae", "vae.posterior": "learned"},
+    "frozen_vae_fixed": {"train.freeze": "vae", "vae.posterior": "fixed"},
+    "frozen_vae_fixed_ln": {"train.freeze": "vae", "vae.posterior": "fixed_ln"},
+    "frozen_encoder_noise": {"train.freeze": "encoder", "vae.posterior": "learned",
+                             "loss.flow_noise_std": 0.3},
+    "end_to_end_noise": {"vae.posterior": "learned", "loss.flow_noise_std": 0.3},
+    "simflow": {"vae.posterior": "fixed", "vae.sigma_bar": 0.5},
+    "end_to_end_learned": {"vae.posterior": "learned"},
+    "sigma_0.1": {"vae.posterior": "fixed", "vae.sigma_bar": 0.1},
+    "sigma_0.25": {"vae.posterior": "fixed", "vae.sigma_bar": 0.25},
+    "sigma_1.0": {"vae.posterior": "fixed", "vae.sigma_bar": 1.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  label: str                        # as in the paper's table: "config / method"
+  stage1: Optional[str] = None      # PRESETS name of the VAE trained alone first
+  paper: Optional[tuple] = None     # (rFID, PSNR, gFID w/o CFG), ImageNet 256, paper Fig. 5
+  sigma_bar: Optional[float] = None  # fixed std of the end-to-end sweep (paper Fig. 3a)
+  fig3a: bool = False               # drawn in the robustness figure (the sweep vs learnable var)
+
+
+ROWS = {r.name: r for r in (
+    Row("frozen_vae_learned", "frozen VAE / learnable var", "vae_learned", (0.23, 29.76, 84.44)),
+    Row("frozen_vae_fixed", "frozen VAE / fixed var", "vae_fixed", (0.40, 27.54, 67.41)),
+    Row("frozen_vae_fixed_ln", "frozen VAE / fixed var + LN", "vae_fixed_ln", (1.07, 24.43, 55.41)),
+    Row("frozen_encoder_noise", "frozen encoder / noise", "vae_learned", (4.07, 19.94, 39.33)),
+    Row("end_to_end_noise", "end-to-end / noise", None, (1.39, 23.20, 20.01)),
+    Row("simflow", "end-to-end / fixed var 0.5 (SimFlow)", None, (1.76, 22.61, 16.97), 0.5, True),
+    Row("end_to_end_learned", "end-to-end / learnable var", fig3a=True),
+    Row("sigma_0.1", "end-to-end / fixed var 0.1", sigma_bar=0.1, fig3a=True),
+    Row("sigma_0.25", "end-to-end / fixed var 0.25", sigma_bar=0.25, fig3a=True),
+    Row("sigma_1.0", "end-to-end / fixed var 1.0", sigma_bar=1.0, fig3a=True),
+)}
 
 
 def apply_variant(config, name: str):
+  """Sets the preset's fields on `config` (unlocked or locked: the fields exist)."""
   name = name or "end_to_end"
-  if name not in VARIANTS:
-    raise ValueError(f"Unknown variant {name!r}; choose one of {VARIANTS}.")
-  config.train.variant = name
-  if name in ("learned_variance", "noise_augmented"):
-    config.vae.posterior = "learned"
-  if name == "frozen_vae":  # the decoder is frozen too: no reconstruction terms to train
-    config.loss.w_l1 = config.loss.w_lpips = config.loss.w_gan = config.loss.w_kl = 0.0
+  if name not in PRESETS:
+    raise ValueError(f"Unknown variant {name!r}; choose one of {tuple(PRESETS)}.")
+  for key, value in PRESETS[name].items():
+    section, field = key.split(".")
+    config[section][field] = value
   return config

@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 
 # Fields that change parameter shapes or the meaning of the state.
 _SHAPING = ("data.image_size", "data.channels", "data.num_classes", "vae", "flow", "disc",
-            "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan", "train.variant")
+            "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan", "train.freeze")
 
 
 # Flow options added after checkpoints were first written (the TarFlow options): left out

@@ -233,7 +233,7 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
   return {
       "config": {"image_size": config.data.image_size, "channels": config.data.channels,
                  "global_batch": b, "num_steps": config.train.num_steps,
-                 "variant": config.train.variant, "flow_dtype": config.flow.dtype,
+                 "freeze": config.train.freeze, "flow_dtype": config.flow.dtype,
                  "vae_dtype": config.vae.dtype},
       "mesh": {"devices": n, "shape": dict(mesh.shape), "platform": jax.devices()[0].platform,
                "per_device_batch": b // n},

@@ -8,8 +8,8 @@ Two latents per image (DESIGN.md section 1: x = mu + sigma_bar * eps):
   * 'mu'      - the posterior mean mu(image): deterministic, the density of the posterior's
                 centre. Not an ELBO term.
   * 'sampled' - x = mu + std * eps, std = sigma_bar ('fixed' posteriors) or exp(logvar / 2)
-                ('learned'), plus N(0, loss.noise_aug_std^2) for train.variant
-                'noise_augmented' (the flow's training input). THIS is the ELBO-relevant
+                ('learned'), plus N(0, loss.flow_noise_std^2) (the flow's training input,
+                made by train_step.flow_input). THIS is the ELBO-relevant
                 number: the ELBO's latent part is E_q[log p_flow(x | y)] + H[q], and the
                 training loss's flow term is exactly this Monte Carlo estimate.
   With H[q] known in closed form (a diagonal Gaussian), the report also gives
@@ -36,31 +36,15 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
-from simflow_jax import checkpoint, losses, sharding
+from simflow_jax import checkpoint, losses, sharding, train_step
 from simflow_jax.data import pipeline
 from simflow_jax.models import build
 from simflow_jax.models import flow as flow_lib
-from simflow_jax.models import vae as vae_lib
-
-LOG_2PI_E = math.log(2 * math.pi * math.e)
 
 
 def flow_noise_std(config) -> float:
-  """The extra Gaussian noise the flow saw in training (train.variant 'noise_augmented')."""
-  return float(config.loss.noise_aug_std) if config.train.variant == "noise_augmented" else 0.0
-
-
-def _flow_input(models, params, images, rng, use_mean: bool, noise_std: float):
-  """images (B, H, W, C) -> (flow input tokens (B, T, D), posterior)."""
-  posterior = models.vae.apply({"params": params["vae"]}, images, method=vae_lib.VAE.encode)
-  if use_mean:
-    latents = posterior.mu
-  else:
-    k_eps, k_aug = jax.random.split(rng)
-    latents = vae_lib.sample_latents(posterior, k_eps, models.vae.sigma_bar)  # (B, h, w, c)
-    if noise_std > 0:
-      latents = latents + noise_std * jax.random.normal(k_aug, latents.shape, jnp.float32)
-  return models.to_tokens(latents), posterior
+  """The extra Gaussian noise on the flow's input in training (loss.flow_noise_std)."""
+  return float(config.loss.flow_noise_std)
 
 
 @functools.partial(jax.jit, static_argnames=("models", "use_mean", "noise_std"))
@@ -72,7 +56,8 @@ def latent_bits_per_dim(models, params, images, labels, rng, use_mean: bool, noi
   use_mean: the latent is mu (rng unused) or a posterior sample mu + std * eps (+ the
   noise_augmented noise `noise_std`, see flow_noise_std).
   """
-  tokens, _ = _flow_input(models, params, images, rng, use_mean, noise_std)  # (B, T, D)
+  inp = train_step.flow_input(models, params["vae"], images, rng, noise_std, use_mean)
+  tokens = models.to_tokens(inp.noisy)  # (B, T, D)
   z, logdet = flow_lib.forward(models.flow, params["flow"], tokens, labels)
   n_dims = tokens.shape[1] * tokens.shape[2]
   return losses.bits_per_dim(losses.flow_nll(z, logdet), n_dims)
@@ -84,14 +69,8 @@ def posterior_entropy_bits_per_dim(models, params, images, noise_std: float = 0.
 
   q = N(mu, std^2 + noise_std^2) per dim: H = mean over dims of 0.5 * log(2 pi e var) / ln 2.
   """
-  posterior = models.vae.apply({"params": params["vae"]}, images, method=vae_lib.VAE.encode)
-  mu = posterior.mu.reshape(posterior.mu.shape[0], -1)  # (B, h*w*c)
-  if posterior.logvar is None:
-    var = jnp.full_like(mu, models.vae.sigma_bar ** 2)
-  else:
-    var = jnp.exp(posterior.logvar.reshape(mu.shape))
-  var = var + noise_std ** 2
-  return jnp.mean(0.5 * (LOG_2PI_E + jnp.log(var)), axis=1) / math.log(2)
+  inp = train_step.flow_input(models, params["vae"], images, jax.random.key(0), noise_std)
+  return losses.gaussian_entropy_per_dim(inp.var) / math.log(2)
 
 
 @functools.partial(jax.jit, static_argnames=("models", "noise_std"))

@@ -5,6 +5,7 @@
   bits_per_dim(nll_nats, n_dims)   nats per example -> bits/dim (divide by N ln 2)
   nats_per_dim(nll_nats, n_dims)   nats per example -> nats/dim (the training term)
   l1(x, y), kl_divergence(mu, logvar, sigma_bar)
+  gaussian_entropy_per_dim(var)    differential entropy of N(., var), nats per dim (B,)
 Adversarial (hinge) terms live with the PatchGAN in models/discriminator.py and the
 REPA alignment loss with its projector in models/repa.py.
 """
@@ -14,6 +15,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 LOG_2PI = math.log(2 * math.pi)
+LOG_2PI_E = math.log(2 * math.pi * math.e)
 
 
 def flow_nll(z, logdet):
@@ -50,3 +52,14 @@ def kl_divergence(mu, logvar: Optional[jnp.ndarray], sigma_bar: float):
   else:
     logvar = logvar.astype(jnp.float32).reshape(mu.shape)
   return 0.5 * jnp.sum(mu * mu + jnp.exp(logvar) - 1.0 - logvar, axis=1)
+
+
+def gaussian_entropy_per_dim(var):
+  """var (B, ...) per-dim variances of a diagonal Gaussian -> its entropy, nats per dim (B,).
+
+  H = mean over dims of 0.5 * log(2 pi e var). With a learned posterior this is the ELBO's
+  entropy term: E_q[-log p_flow(x)] - H[q] is the latent part of -ELBO, so the loss uses
+  nats_per_dim(NLL) - gaussian_entropy_per_dim(var), both per dim and under one weight.
+  """
+  var = var.astype(jnp.float32).reshape(var.shape[0], -1)
+  return jnp.mean(0.5 * (LOG_2PI_E + jnp.log(var)), axis=1)

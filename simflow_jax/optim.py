@@ -4,16 +4,8 @@ One parameter tree {vae, flow[, disc][, repa_proj]}; each subtree gets its own
 AdamW with its own learning rate (optim.lr_vae / lr_flow / lr_disc; the REPA
 projector uses lr_flow), linear warmup then cosine decay or constant, and its own
 gradient clipping by global norm (so the discriminator's gradients never scale the
-generator's). Frozen parts (train.variant frozen_vae / frozen_encoder) get no
-update and no optimiser state.
-
-Public API:
-  make_schedule(lr, optim_cfg, num_steps) -> optax schedule
-  param_labels(params, variant) -> pytree of labels
-  make_optimizer(config, params) -> optax.GradientTransformation
-  learning_rates(config, step) -> dict of current learning rates (for logging)
-  ema_update(ema, params, decay) -> ema
-  generator(params) -> the subtrees with an EMA (everything but the discriminator)
+generator's). The parts train.freeze names (the VAE, its encoder, or the flow) get
+no update and no optimiser state. The EMA covers every subtree but the discriminator.
 """
 import jax
 import optax
@@ -37,13 +29,11 @@ def _subtree_lrs(optim_cfg) -> dict:
           "repa_proj": optim_cfg.lr_flow}
 
 
-def param_labels(params, variant: str):
-  """Label every leaf with its subtree name, or FROZEN."""
+def param_labels(params, freeze: str):
+  """Label every leaf with its subtree name, or FROZEN (train.freeze: none|vae|encoder|flow)."""
   def label(path, _):
     top = path[0].key
-    if variant == "frozen_vae" and top == "vae":
-      return FROZEN
-    if variant == "frozen_encoder" and top == "vae" and path[1].key == "encoder":
+    if top == freeze or (freeze == "encoder" and top == "vae" and path[1].key == "encoder"):
       return FROZEN
     return top
   return jax.tree_util.tree_map_with_path(label, params)
@@ -58,7 +48,7 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
           optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
           optax.adamw(make_schedule(lr, o, config.train.num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay))
-  return optax.multi_transform(transforms, param_labels(params, config.train.variant))
+  return optax.multi_transform(transforms, param_labels(params, config.train.freeze))
 
 
 def learning_rates(config, step) -> dict:

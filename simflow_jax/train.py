@@ -199,24 +199,42 @@ def _save_config(config, workdir) -> None:
 
 
 def _load_frozen_vae(state, config, models):
-  """frozen_vae / frozen_encoder start from a pretrained VAE (EMA weights of its run)."""
-  src = checkpoint.load_params(config.train.vae_checkpoint, _vae_source_config(config), use_ema=True)
+  """Starts from a pretrained VAE (the EMA weights of the run in train.vae_checkpoint)."""
+  source = _vae_source_config(config)
+  src = checkpoint.load_params(config.train.vae_checkpoint, source, use_ema=True)
   vae = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), src["vae"], state.params["vae"])
-  return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": vae})
+  ema = jax.tree.map(jnp.copy, vae)  # own buffers: the step donates params and EMA separately
+  return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": ema})
+
+
+# The fields that must agree between a run and the run its VAE comes from.
+_VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_mid", "z_channels", "posterior", "sigma_bar")
 
 
 def _vae_source_config(config):
-  """The config of the run that trained the VAE, read from its workdir."""
+  """The config of the run that trained the VAE, read from its workdir; checked against ours."""
   path = epath.Path(config.train.vae_checkpoint) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"train.vae_checkpoint={config.train.vae_checkpoint} has no config.json: "
                             "point it at the --workdir of a finished simflow-jax run.")
   import ml_collections  # local: only this path reads another run's config
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  source = ml_collections.ConfigDict(json.loads(path.read_text()))
+  ours = {k: config.vae[k] for k in _VAE_FIELDS}
+  theirs = {k: source.vae.get(k) for k in _VAE_FIELDS}
+  ours["ch_mult"], theirs["ch_mult"] = list(ours["ch_mult"]), list(theirs["ch_mult"] or ())
+  diffs = [k for k in _VAE_FIELDS if ours[k] != theirs[k]]
+  if diffs or source.data.channels != config.data.channels:
+    raise ValueError(f"train.vae_checkpoint={config.train.vae_checkpoint} holds a VAE of a different "
+                     f"config (vae.{', vae.'.join(diffs) or 'data.channels'}: theirs "
+                     f"{ {k: theirs[k] for k in diffs} }, ours { {k: ours[k] for k in diffs} }). Point "
+                     "it at a run trained with this config's vae section.")
+  return source
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   build.validate_config(config)
+  if config.train.vae_checkpoint and not (epath.Path(workdir) / "checkpoints").exists():
+    _vae_source_config(config)  # a missing or mismatched VAE run fails before anything is written
   mesh = sharding.make_mesh(config.mesh)
   spec = build_step(config, mesh)
   models, t = spec.models, config.train
@@ -230,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with jax.set_mesh(mesh), _StopOnSignal() as stop:
     if start is None:
       state = spec.create_state(rng)
-      if t.variant in ("frozen_vae", "frozen_encoder"):
+      if t.vae_checkpoint:
         state = _load_frozen_vae(state, config, models)
       start = 0
     else:

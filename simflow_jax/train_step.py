@@ -1,16 +1,21 @@
 """The joint SimFlow update: a pure function (state, batch, frozen nets) -> (state, metrics).
 
-One step (DESIGN.md section 5), with the rng folded from config.seed and the step:
-  mu        = encoder(image)
-  x         = mu + sigma_bar * eps          # no stop_gradient (end_to_end)
-  recon     = decoder(x)
-  z, ld     = flow(x [+ noise_aug], label dropped to the null class w.p. p)
-  loss_g    = w_l1 L1 + w_lpips LPIPS + w_kl KL + w_gan G_adv + w_nf NLL/dim [+ REPA]
+One step (paper Sec. 3), the rng folded from the state's key and the step:
+  mu, [logvar] = encoder(image)
+  x         = mu + std * eps [+ n],  n ~ N(0, loss.flow_noise_std^2)   (flow_input)
+  recon     = decoder(x)             (x without n when loss.decode_noisy is False)
+  z, ld     = flow(x, label dropped to the null class w.p. p)
+  loss_g    = w_l1 L1 + w_lpips LPIPS + w_kl KL + w_gan G_adv
+            + w_nf (NLL/dim [- H(q)/dim for a learned posterior]) [+ REPA]
   loss_d    = hinge(D(image), D(stop_grad(recon)))      (when w_gan > 0)
-A zero weight skips its term's compute. Every gradient path is a variant
-(train.variant): frozen_vae (the VAE gets no gradient and no update; no decode),
-frozen_encoder (the encoder gets none), learned_variance / noise_augmented
-(posterior 'learned'; the latter adds N(0, noise_aug_std^2) to the flow's input).
+std is vae.sigma_bar (fixed posteriors) or exp(logvar / 2) (learned). With a learned
+posterior and loss.posterior_entropy the loss is the ELBO: the entropy of q(x | image)
+per dim (losses.gaussian_entropy_per_dim) stops the flow NLL from rewarding a
+shrinking variance. A zero weight skips its term's compute.
+
+train.freeze picks the gradient path: none (end to end), vae (only the flow trains;
+no decode), encoder (decoder and flow train), flow (the VAE trains alone: stage 1 of a
+two-stage run; no flow pass). Frozen parts get no gradient here and no update in optim.
 
 REPA-E (repa.enabled): the frozen encoder's tokens of the image resized to 224 px
 are matched by a projector on block `repa.block`'s hidden state after layer
@@ -19,13 +24,11 @@ gradient with weight w_flow; the VAE encoder gets it with weight w_vae (one extr
 flow pass with frozen flow parameters adds the difference, when they differ).
 
 Frozen networks (LPIPS VGG, REPA encoder) are arguments (`frozen`), never constants
-baked into the compiled step, and never updated.
-
-Public API:
-  TrainState(step, params, opt_state, ema)
-  create_train_state(models, config, tx, rng) -> TrainState
-  train_step(state, batch, frozen, *, models, config, tx) -> (TrainState, metrics)
+baked into the compiled step, and never updated. Neither is the seed: the state
+carries its random key, so runs that differ only in config.seed share one compiled step.
 """
+from typing import Any
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -44,22 +47,57 @@ class TrainState(flax.struct.PyTreeNode):
   params: dict
   opt_state: optax.OptState
   ema: dict
+  rng: jax.Array              # raw key data (uint32); the step's key is fold_in(rng, step)
 
 
 def create_train_state(models: build.Models, config, tx, rng) -> TrainState:
-  params = build.init_params(models, rng)
+  k_init, k_train = jax.random.split(rng)
+  params = build.init_params(models, k_init)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema=jax.tree.map(jnp.copy, optim.generator(params)))
+                    ema=jax.tree.map(jnp.copy, optim.generator(params)),
+                    rng=jax.random.key_data(k_train))
 
 
-def _frozen_view(params: dict, variant: str) -> dict:
-  """Stops gradients into the parts a variant freezes (so XLA skips their backward)."""
-  if variant == "frozen_vae":
+def _frozen_view(params: dict, freeze: str) -> dict:
+  """Stops gradients into the parts train.freeze names (so XLA skips their backward)."""
+  if freeze == "vae":
     return {**params, "vae": jax.lax.stop_gradient(params["vae"])}
-  if variant == "frozen_encoder":
+  if freeze == "encoder":
     vae = {**params["vae"], "encoder": jax.lax.stop_gradient(params["vae"]["encoder"])}
     return {**params, "vae": vae}
+  if freeze == "flow":
+    return {**params, "flow": jax.lax.stop_gradient(params["flow"])}
   return params
+
+
+class FlowInput(flax.struct.PyTreeNode):
+  posterior: Any              # vae.Posterior: mu (B, h, w, c), logvar or None
+  latents: jax.Array          # (B, h, w, c) mu + std * eps (mu when use_mean)
+  noisy: jax.Array            # (B, h, w, c) latents + noise_std * n: what the flow models
+  var: jax.Array              # (B, h, w, c) per-dim variance of `noisy` given the image
+
+
+def flow_input(models: build.Models, vae_params, images, rng, noise_std: float,
+               use_mean: bool = False) -> FlowInput:
+  """images (B, H, W, C) -> the flow's input: mu + std * eps + noise_std * n.
+
+  The one place the flow's input is made, for training and for likelihoods. use_mean:
+  the input is mu itself (no posterior noise, no extra noise; rng unused).
+  """
+  posterior = models.vae.apply({"params": vae_params}, images, method=VAE.encode)
+  if posterior.logvar is None:
+    var = jnp.full_like(posterior.mu, models.vae.sigma_bar ** 2)
+  else:
+    var = jnp.exp(posterior.logvar)
+  if use_mean:
+    return FlowInput(posterior=posterior, latents=posterior.mu, noisy=posterior.mu,
+                     var=jnp.zeros_like(var))
+  k_eps, k_noise = jax.random.split(rng)
+  latents = sample_latents(posterior, k_eps, models.vae.sigma_bar)  # (B, h, w, c)
+  noisy = latents
+  if noise_std > 0:
+    noisy = latents + noise_std * jax.random.normal(k_noise, latents.shape, jnp.float32)
+  return FlowInput(posterior=posterior, latents=latents, noisy=noisy, var=var + noise_std ** 2)
 
 
 def _repa_targets(images, frozen, config):
@@ -82,37 +120,42 @@ def _repa_loss(models, proj_params, hidden, target):
 
 def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models, config):
   """Mean generator loss over the batch and its per-term metrics."""
-  l, v, variant = config.loss, config.vae, config.train.variant
+  l, v, freeze = config.loss, config.vae, config.train.freeze
   images, labels = batch["image"], batch["label"]
-  k_eps, k_drop, k_aug = jax.random.split(rng, 3)
-  p = _frozen_view(gen_params, variant)
+  k_in, k_drop = jax.random.split(rng)
+  p = _frozen_view(gen_params, freeze)
   vae_vars = {"params": p["vae"]}
 
-  posterior = models.vae.apply(vae_vars, images, method=VAE.encode)
-  latents = sample_latents(posterior, k_eps, v.sigma_bar)  # (B, h, w, c)
-  flow_in = latents
-  if variant == "noise_augmented":
-    flow_in = latents + l.noise_aug_std * jax.random.normal(k_aug, latents.shape)
+  inp = flow_input(models, p["vae"], images, k_in, l.flow_noise_std)
+  posterior, latents = inp.posterior, inp.latents
   drop = jax.random.bernoulli(k_drop, l.label_dropout, labels.shape)
   flow_labels = jnp.where(drop, models.num_classes, labels)
 
   terms, metrics = {}, {}
-  tokens = models.to_tokens(flow_in)  # (B, T, D)
-  n_dims = tokens.shape[1] * tokens.shape[2]
+  tokens = models.to_tokens(inp.noisy)  # (B, T, D)
   capture = (config.repa.block, config.repa.layer) if models.projector is not None else None
-  out = models.flow.apply({"params": p["flow"]}, tokens, flow_labels, capture=capture)
-  z, logdet = out[0], out[1]
-  nll = losses.flow_nll(z, logdet)
-  terms["nf"] = (l.w_nf, losses.nats_per_dim(nll, n_dims))
-  metrics["bits_per_dim"] = jnp.mean(losses.bits_per_dim(nll, n_dims))
-  metrics["logdet_per_dim"] = jnp.mean(logdet) / n_dims
+  if freeze != "flow" or capture is not None:
+    n_dims = tokens.shape[1] * tokens.shape[2]
+    z, logdet, hidden = models.flow.apply({"params": p["flow"]}, tokens, flow_labels, capture=capture)
+    nll = losses.flow_nll(z, logdet)
+    nf = losses.nats_per_dim(nll, n_dims)
+    if posterior.logvar is not None and l.posterior_entropy:
+      entropy = losses.gaussian_entropy_per_dim(inp.var)  # (B,) nats/dim
+      nf = nf - entropy
+      metrics["posterior_entropy_per_dim"] = jnp.mean(entropy)
+    if freeze != "flow":
+      terms["nf"] = (l.w_nf, nf)
+    metrics["bits_per_dim"] = jnp.mean(losses.bits_per_dim(nll, n_dims))
+    metrics["logdet_per_dim"] = jnp.mean(logdet) / n_dims
+  else:
+    metrics["bits_per_dim"] = jnp.float32(jnp.nan)  # stage 1: the flow is not evaluated
 
   if models.projector is not None:
     target = _repa_targets(images, frozen, config)
     r = config.repa
-    align = _repa_loss(models, p["repa_proj"], out[2], target)
+    align = _repa_loss(models, p["repa_proj"], hidden, target)
     total_align = r.w_flow * align
-    if r.w_vae != r.w_flow and variant not in ("frozen_vae", "frozen_encoder"):
+    if r.w_vae != r.w_flow and freeze not in ("vae", "encoder"):
       # Encoder-only path: same pass with the flow and projector frozen.
       frozen_flow = jax.lax.stop_gradient(p["flow"])
       hidden_e = models.flow.apply({"params": frozen_flow}, tokens, flow_labels, capture=capture)[2]
@@ -121,8 +164,9 @@ def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models,
     terms["repa"] = (1.0, total_align)
     metrics["repa_cos"] = -jnp.mean(align)
 
-  if variant != "frozen_vae":
-    recon = models.vae.apply(vae_vars, latents, method=VAE.decode)
+  recon = None
+  if freeze != "vae":
+    recon = models.vae.apply(vae_vars, inp.noisy if l.decode_noisy else latents, method=VAE.decode)
     if l.w_l1 > 0:
       terms["l1"] = (l.w_l1, losses.l1(recon, images))
     if l.w_lpips > 0:
@@ -132,10 +176,8 @@ def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models,
       logits_fake = models.disc.apply({"params": disc_params}, recon)
       terms["gan_g"] = (l.w_gan * gan_on, discriminator.generator_adv_loss(logits_fake))
     metrics["recon_l1"] = jnp.mean(losses.l1(recon, images))
-  else:
-    recon = None
-  if l.w_kl > 0:
-    terms["kl"] = (l.w_kl, losses.kl_divergence(posterior.mu, posterior.logvar, v.sigma_bar))
+    if l.w_kl > 0:
+      terms["kl"] = (l.w_kl, losses.kl_divergence(posterior.mu, posterior.logvar, v.sigma_bar))
 
   total = 0.0
   for name, (weight, per_example) in terms.items():
@@ -151,7 +193,7 @@ def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models,
 
 def train_step(state: TrainState, batch: dict, frozen: dict, *, models, config, tx):
   """One jitted update of every trainable subtree; returns (new_state, metrics)."""
-  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_gen, _ = jax.random.split(rng)
   params = state.params
   gen_params = optim.generator(params)

@@ -56,7 +56,7 @@ def test_split_mean_counts_every_example_once(trained):
   out = likelihood.split_bits_per_dim(config, models, params, num_examples=n)
   assert out["num_examples"] == n and out["dims_per_example"] == 256
   images, labels = _eval_images(config, n)
-  z, logdet = models.flow.apply({"params": params["flow"]},
+  z, logdet, _ = models.flow.apply({"params": params["flow"]},
                                 models.to_tokens(_mu(models, params, images)), labels)
   direct = losses.bits_per_dim(losses.flow_nll(z, logdet), 256)  # (13,)
   np.testing.assert_allclose(out["bits_per_dim_mu"], float(np.mean(direct)), rtol=1e-5)

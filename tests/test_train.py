@@ -129,8 +129,8 @@ def test_bad_config_values_are_clear_errors(tmp_path):
   with pytest.raises(AttributeError):
     config.optim.lr = 1.0  # locked: a typo is an error
   with config.unlocked():
-    config.train.variant = "end2end"
-  with pytest.raises(ValueError, match="train.variant"):
+    config.train.freeze = "end2end"
+  with pytest.raises(ValueError, match="train.freeze"):
     train.train_and_evaluate(config, str(tmp_path / "a"))
   config = tiny.get_config()
   with config.unlocked():

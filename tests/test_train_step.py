@@ -8,15 +8,17 @@ import optax
 import pytest
 
 from configs import tiny
-from simflow_jax import train_step
+from configs import variants
+from simflow_jax import optim, train_step
 from simflow_jax.models import build
+from simflow_jax.models import vae as vae_lib
 from simflow_jax.pretrained import dinov2
 
 
 def _setup(variant="", repa=False, **loss):
   config = tiny.get_config(variant)
   with config.unlocked():
-    if variant.startswith("frozen"):
+    if config.train.freeze in ("vae", "encoder"):
       config.train.vae_checkpoint = "/unused"
     for k, v in loss.items():
       config.loss[k] = v
@@ -55,12 +57,90 @@ def test_end_to_end_flow_nll_reaches_the_encoder():
   assert norms["decoder"] == 0.0
 
 
-@pytest.mark.parametrize("variant,encoder,decoder", [("frozen_vae", False, False),
-                                                      ("frozen_encoder", False, True)])
-def test_frozen_variants_stop_gradients(variant, encoder, decoder):
-  norms, _ = _grad_norms(*_setup(variant, w_l1=1.0, w_nf=1.0))
-  assert (norms["encoder"] > 0) == encoder and (norms["decoder"] > 0) == decoder
-  assert norms["flow"] > 0
+# train.freeze -> which of (encoder, decoder, flow) train.
+TRAINS = {"none": (True, True, True), "vae": (False, False, True),
+          "encoder": (False, True, True), "flow": (True, True, False)}
+
+
+def test_every_study_row_freezes_a_tested_set():
+  for name in list(variants.ROWS) + [r.stage1 for r in variants.ROWS.values() if r.stage1]:
+    assert tiny.get_config(name).train.freeze in TRAINS
+
+
+@pytest.mark.parametrize("preset", ["frozen_vae_learned", "frozen_encoder_noise", "simflow",
+                                    "vae_fixed_ln"])
+def test_row_configs_freeze_exactly_what_they_say(preset):
+  """Gradients of frozen parameters are zero and others non-zero; the optimiser leaves the
+  frozen ones unchanged."""
+  config, models, params, batch, frozen = _setup(preset, w_l1=1.0, w_nf=1.0)
+  norms, _ = _grad_norms(config, models, params, batch, frozen)
+  encoder, decoder, flow = TRAINS[config.train.freeze]
+  assert (norms["encoder"] > 0, norms["decoder"] > 0, norms["flow"] > 0) == (encoder, decoder, flow)
+  config.optim.warmup_steps = 0  # a non-zero learning rate at step 0
+  tx = optim.make_optimizer(config, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {"encoder": updates["vae"]["encoder"], "decoder": updates["vae"]["decoder"],
+           "flow": updates["flow"]}
+  moved = {k: float(optax.global_norm(v)) > 0 for k, v in moved.items()}
+  assert (moved["encoder"], moved["decoder"], moved["flow"]) == (encoder, decoder, flow)
+
+
+def _by_hand_loss(config, models, params, batch, rng):
+  """-ELBO's terms written out from the definitions (flow NLL and Gaussian entropy per dim)."""
+  l = config.loss
+  k_in, k_drop = jax.random.split(rng)
+  k_eps, k_noise = jax.random.split(k_in)
+  post = models.vae.apply({"params": params["vae"]}, batch["image"], method=vae_lib.VAE.encode)
+  std = jnp.exp(0.5 * post.logvar)
+  x = post.mu + std * jax.random.normal(k_eps, post.mu.shape)
+  x_flow = x + l.flow_noise_std * jax.random.normal(k_noise, x.shape)
+  drop = jax.random.bernoulli(k_drop, l.label_dropout, batch["label"].shape)
+  labels = jnp.where(drop, models.num_classes, batch["label"])
+  tokens = models.to_tokens(x_flow)
+  z, logdet, _ = models.flow.apply({"params": params["flow"]}, tokens, labels)
+  n = tokens.shape[1] * tokens.shape[2]
+  nll = (0.5 * jnp.sum(z.reshape(z.shape[0], -1) ** 2, 1) + 0.5 * n * np.log(2 * np.pi) - logdet) / n
+  var = (std ** 2 + l.flow_noise_std ** 2).reshape(z.shape[0], -1)
+  entropy = jnp.mean(0.5 * np.log(2 * np.pi * np.e) + 0.5 * jnp.log(var), axis=1)
+  recon = models.vae.apply({"params": params["vae"]}, x_flow, method=vae_lib.VAE.decode)
+  l1 = jnp.mean(jnp.abs(recon - batch["image"]).reshape(z.shape[0], -1), 1)
+  mu, lv = post.mu.reshape(z.shape[0], -1), post.logvar.reshape(z.shape[0], -1)
+  kl = 0.5 * jnp.sum(mu ** 2 + jnp.exp(lv) - 1 - lv, 1)
+  return jnp.mean(l.w_nf * (nll - entropy) + l.w_l1 * l1 + l.w_kl * kl), jnp.mean(entropy)
+
+
+@pytest.mark.parametrize("preset", ["end_to_end_noise"])  # learned var + noise: both in the entropy
+def test_learned_variance_loss_is_the_elbo_with_entropy(preset):
+  config, models, params, batch, frozen = _setup(preset, w_l1=1.0, w_nf=0.7, w_kl=1e-3)
+  rng = jax.random.key(3)
+  fn = functools.partial(train_step.generator_loss, models=models, config=config)
+  gen = {k: v for k, v in params.items() if k != "disc"}
+  loss, (metrics, _) = fn(gen, None, batch, frozen, rng, jnp.int32(0))
+  expected, entropy = _by_hand_loss(config, models, params, batch, rng)
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["posterior_entropy_per_dim"]), float(entropy), rtol=1e-5)
+  # The old objective (flow NLL alone) is one field away and differs by w_nf * entropy.
+  config.loss.posterior_entropy = False
+  fn = functools.partial(train_step.generator_loss, models=models, config=config)
+  loss_old, _ = fn(gen, None, batch, frozen, rng, jnp.int32(0))
+  np.testing.assert_allclose(float(loss_old) - float(loss), 0.7 * float(entropy), rtol=1e-4)
+
+
+def test_noise_rows_decode_the_noisy_latents_the_flow_models():
+  config, models, params, batch, frozen = _setup("end_to_end_noise", w_l1=1.0)
+  gen = {k: v for k, v in params.items() if k != "disc"}
+  rng = jax.random.key(3)
+  out = {}
+  for noisy in (True, False):
+    config.loss.decode_noisy = noisy
+    fn = functools.partial(train_step.generator_loss, models=models, config=config)
+    out[noisy] = fn(gen, None, batch, frozen, rng, jnp.int32(0))[1][1]
+  inp = train_step.flow_input(models, params["vae"], batch["image"], jax.random.split(rng)[0],
+                              config.loss.flow_noise_std)
+  decode = lambda x: models.vae.apply({"params": params["vae"]}, x, method=vae_lib.VAE.decode)
+  np.testing.assert_allclose(out[True], decode(inp.noisy), atol=1e-5)
+  np.testing.assert_allclose(out[False], decode(inp.latents), atol=1e-5)
 
 
 def test_noise_augmented_changes_flow_input():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from simflow_jax.models import discriminator, flow as flow_lib, guidance, inverse, repa, vae as vae_lib
 
-VARIANTS = ("end_to_end", "frozen_vae", "frozen_encoder", "learned_variance", "noise_augmented")
+FREEZE = ("none", "vae", "encoder", "flow")
 # The dimensions of the DINOv2 presets' tokens (pretrained/dinov2.py); models/ does not import it.
 REPA_DIMS = {"dinov2_s14": 384, "dinov2_b14": 768, "dinov2_l14": 1024, "tiny": 64}
 
@@ -42,15 +42,17 @@ def _check_classes(name, classes, num_classes) -> None:
 def validate_config(config) -> None:
   """Checks values a user can get wrong; errors say which field and what to set."""
   d, v, f, t, l, s = config.data, config.vae, config.flow, config.train, config.loss, config.sample
-  _choice("train.variant", t.variant, VARIANTS)
+  _choice("train.freeze", t.freeze, FREEZE)
   _choice("vae.posterior", v.posterior, vae_lib.POSTERIORS)
   _choice("data.source", d.source, ("mnist5k", "imagefolder", "tfds", "synthetic"))
-  if t.variant in ("learned_variance", "noise_augmented") and v.posterior != "learned":
-    raise ValueError(f"train.variant={t.variant!r} needs vae.posterior='learned' "
-                     f"(got {v.posterior!r}).")
-  if t.variant in ("frozen_vae", "frozen_encoder") and not t.vae_checkpoint:
-    raise ValueError(f"train.variant={t.variant!r} freezes a pretrained VAE: set "
+  if t.freeze in ("vae", "encoder") and not t.vae_checkpoint:
+    raise ValueError(f"train.freeze={t.freeze!r} freezes a pretrained VAE: set "
                      "--config.train.vae_checkpoint=WORKDIR_OF_A_VAE_RUN.")
+  if t.freeze == "flow" and config.repa.enabled:
+    raise ValueError("train.freeze='flow' trains the VAE alone; REPA-E aligns flow features: "
+                     "set --config.repa.enabled=False for a stage-1 VAE run.")
+  if l.flow_noise_std < 0:
+    raise ValueError(f"config.loss.flow_noise_std must be >= 0 (0 = no noise), got {l.flow_noise_std}.")
   if v.sigma_bar <= 0:
     raise ValueError(f"config.vae.sigma_bar must be > 0, got {v.sigma_bar}.")
   f_down = 2 ** (len(v.ch_mult) - 1)

@@ -269,8 +269,8 @@ class Flow(nn.Module):
                                       (self.seq_len, self.token_dim))
 
   def __call__(self, x, labels, capture: Optional[tuple[int, int]] = None, per_block: bool = False):
-    """x (B, T, D) -> (z (B, T, D) float32, logdet (B,) or (K, B) if per_block[, hidden]).
-    capture=(k, n): also return block k's hidden state after layer n (natural order).
+    """x (B, T, D) -> (z (B, T, D) float32, logdet (B,) or (K, B) if per_block, hidden).
+    hidden: with capture=(k, n), block k's hidden state after layer n (natural order), else None.
     With prior_std, z is divided by the prior std and its log-det is counted in block K-1's."""
     if capture is not None:
       cap_block = capture[0] % self.num_blocks
@@ -284,7 +284,7 @@ class Flow(nn.Module):
       z = z * jnp.exp(-self.prior_log_std)[None]
       logdets[-1] = logdets[-1] - jnp.sum(self.prior_log_std)
     logdet = jnp.stack(logdets) if per_block else sum(logdets)
-    return (z, logdet) if capture is None else (z, logdet, hidden)
+    return z, logdet, hidden
 
   # --- block-level methods for the inverse and the sampler (apply with method=...) ---
   def block_params(self, k: int, x_blk, labels):
@@ -304,7 +304,8 @@ class Flow(nn.Module):
 # ------------------------------------------------------------------------------------
 def forward(flow: Flow, params, x, labels):
   """x (B, T, D) -> (z (B, T, D), logdet (B,))."""
-  return flow.apply({"params": params}, x, labels)
+  z, logdet, _ = flow.apply({"params": params}, x, labels)
+  return z, logdet
 
 
 def block_logdets(flow: Flow, params, x, labels):

@@ -1,0 +1,30 @@
+"""The variant study on the embedded digits (simflow_jax/study.py; docs/study.md).
+
+  python main.py --config=configs/study_digits.py --mode=study --workdir=DIR
+  python main.py --config=configs/study_digits.py:simflow,end_to_end_noise ...   (some rows)
+  --config.study.quick=True                                                      (~10 minutes)
+
+The demo's VAE (configs/demo.py: 32x32 digits -> 8x8x4 latents) and a narrower two-block
+flow over 16 tokens, at a step budget (400 per row) that lets the ten rows x three seeds
+fit in about an hour on a 2-core CPU. Every row uses these settings; only its preset
+(configs/variants.py) differs.
+"""
+from configs import base, demo
+
+
+def get_config(arg: str = ""):
+  c = demo.get_config()
+  c.study.rows = tuple(r for r in arg.split(",") if r) if arg else ()
+  c.study.seeds = (0, 1, 2)
+  c.study.steps = 400
+  c.flow.width, c.flow.head_dim = 64, 32
+  c.study.stage1_fraction = 0.5
+  c.study.num_eval_examples = 500
+  c.eval.num_samples = 500
+  c.train.log_every = 100
+  c.train.grid_per_class = 10      # the end-of-training grid has the evaluation's sample batch
+  c.sample.batch_size = 100
+  c.train.async_ckpt = False
+  c.train.keep_ckpts = 1
+  c.eval.noise_sweep = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+  return base.lock(c)

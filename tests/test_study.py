@@ -1,0 +1,107 @@
+"""The variant study end to end at tiny size: table, figures, rerun, bad inputs.
+
+The end-to-end tests share one tiny two-row study (a module fixture: 3 trainings and 4
+evaluations, each compiling its programs) and are marked slow.
+"""
+import hashlib
+import json
+import os
+
+import pytest
+
+from configs import tiny, variants
+from simflow_jax import study, train
+
+
+def _config(rows=("frozen_vae_fixed", "simflow"), steps=4):
+  c = tiny.get_config()
+  c.study.rows, c.study.seeds, c.study.steps = rows, (0,), steps
+  c.study.num_eval_examples = 16
+  c.eval.num_samples = 16
+  c.eval.noise_sweep = (0.0, 0.5)
+  c.sample.guidance = 1.0
+  return c
+
+
+def _snapshot(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[path] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  table = study.run(_config(), workdir)
+  return workdir, table
+
+
+@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
+def test_two_row_study_writes_a_table_with_every_metric(finished):
+  workdir, table = finished
+  out = os.path.join(workdir, "study")
+  assert list(table) == ["frozen_vae_fixed", "simflow"]
+  with open(os.path.join(out, "table.json")) as f:
+    saved = json.load(f)
+  for name, entry in saved.items():
+    for metric, _, _ in study.METRICS:
+      assert entry["metrics"][metric]["mean"] is not None, (name, metric)
+      assert entry["metrics"][metric]["n"] == 1
+    assert [p["s"] for p in entry["robustness"]] == [0.0, 0.5]
+    assert entry["paper"] == dict(zip(("rfid", "psnr", "gfid_no_cfg"), variants.ROWS[name].paper))
+  md = open(os.path.join(out, "table.md")).read()
+  assert "frozen VAE / fixed var" in md and "16.97" in md
+  for fig in ("gen_fd.png", "robustness.png", "latent_stats.png", "samples/simflow.png",
+              "samples/frozen_vae_fixed.png"):
+    assert os.path.getsize(os.path.join(out, fig)) > 0
+  # The two-stage row: 2 steps of stage 1 (the VAE alone), 2 of stage 2 on its frozen VAE.
+  s1 = json.load(open(os.path.join(workdir, "stage1", "vae_fixed", "seed0", "config.json")))
+  s2 = json.load(open(os.path.join(workdir, "rows", "frozen_vae_fixed", "seed0", "config.json")))
+  assert (s1["train"]["freeze"], s1["train"]["num_steps"]) == ("flow", 2)
+  assert (s2["train"]["freeze"], s2["train"]["num_steps"]) == ("vae", 2)
+  assert s2["train"]["vae_checkpoint"] == os.path.join(workdir, "stage1", "vae_fixed", "seed0")
+  # One classifier for every row.
+  assert os.listdir(os.path.join(out, "classifier"))
+
+
+@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
+def test_rerun_skips_finished_rows(finished, monkeypatch):
+  workdir, table = finished
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished row was trained again")
+
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(study.evaluate, "evaluate", no_training)
+  again = study.run(_config(), workdir)
+  assert again["simflow"]["metrics"] == table["simflow"]["metrics"]
+
+
+def test_unknown_row_is_a_clear_error(tmp_path):
+  with pytest.raises(study.StudyError, match="Unknown study row.*simflow"):
+    study.run(_config(rows=("simflow", "no_such_row")), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
+def test_workdirs_of_another_config_stop_the_study_untouched(finished):
+  workdir, _ = finished
+  before = _snapshot(workdir)
+  with pytest.raises(study.StudyError, match="different config.*delete"):
+    study.run(_config(steps=6), workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_stage2_with_a_missing_or_mismatched_vae_run_writes_nothing(tmp_path, tiny_trained):
+  config = tiny.get_config("frozen_vae_learned")
+  config.train.vae_checkpoint = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="vae_checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.train.vae_checkpoint = tiny_trained  # a fixed-posterior VAE; this row wants 'learned'
+  with pytest.raises(ValueError, match="different config.*posterior"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
