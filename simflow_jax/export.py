@@ -172,14 +172,7 @@ def _make_sharded_sampler(models, sample_cfg, mesh, batch_size: int):
 
 def _check_run_config(config, num_devices: int) -> None:
   """The user-facing checks of `--mode=sample` that need no checkpoint."""
-  s = config.sample
-  if s.classes:
-    sample.check_labels(np.asarray(list(s.classes)), config.data.num_classes)
-  if config.train.grid_per_class < 1:
-    raise ValueError(f"config.train.grid_per_class must be >= 1 (grid columns), "
-                     f"got {config.train.grid_per_class}.")
-  if s.num_samples < 0:
-    raise ValueError(f"config.sample.num_samples must be >= 0 (0 = grid only), got {s.num_samples}.")
+  s = config.sample  # classes, grid columns and counts are checked by validate_config
   if s.batch_size < 1 or s.batch_size % num_devices:
     raise ValueError(f"config.sample.batch_size={s.batch_size} (the global batch per sampling step) must be "
                      f"a positive multiple of the {num_devices} devices it is split over: e.g. "

@@ -1,12 +1,4 @@
-"""Atomic file output, to local folders or object stores (gs:// through etils.epath).
-
-Public API:
-  is_local(path) -> bool
-  file_mode() -> int                       the mode a plainly created file gets
-  write_atomic(dest, write) -> write's result
-      write(tmp_local_path) fills a temporary file; it then appears at `dest` complete or
-      not at all (rename on local disks; one whole upload on object stores).
-"""
+"""Atomic file output, to local folders or object stores (gs:// through etils.epath)."""
 import os
 import shutil
 import tempfile

@@ -1,10 +1,10 @@
-"""Exact likelihood of VAE latents under the flow (DESIGN.md section 8): `--mode=likelihood`.
+"""Exact likelihood of VAE latents under the flow: `--mode=likelihood`.
 
 One job: bits/dim of the latents of real images under the trained flow, exactly (a
 normalizing flow gives log p(x | y) in closed form; no bound, no estimator), over one
 whole split with every example counted once.
 
-Two latents per image (DESIGN.md section 1: x = mu + sigma_bar * eps):
+Two latents per image (SimFlow, arXiv 2512.04084: x = mu + sigma_bar * eps):
   * 'mu'      - the posterior mean mu(image): deterministic, the density of the posterior's
                 centre. Not an ELBO term.
   * 'sampled' - x = mu + std * eps, std = sigma_bar ('fixed' posteriors) or exp(logvar / 2)
@@ -17,14 +17,6 @@ Two latents per image (DESIGN.md section 1: x = mu + sigma_bar * eps):
   estimate of KL(q(x | image) || p_flow(x | y)) per dimension (the rate).
 Labels are each image's true class: a conditional likelihood log p(x | y). Latents are
 continuous, so bits/dim can be negative.
-
-Public API:
-  latent_bits_per_dim(models, params, images, labels, rng, use_mean, noise_std=0.0)
-      -> (B,) float32 bits/dim per example        jitted; models/use_mean/noise_std static
-  posterior_entropy_bits_per_dim(models, params, images, noise_std=0.0) -> (B,)   jitted
-  split_bits_per_dim(config, models, params, mesh=None, split=None, num_examples=None) -> dict
-      one masked pass over config.data.eval_split (or `split`)
-  run(config, workdir) -> dict                    writes WORKDIR/likelihood.json
 """
 import functools
 import json

@@ -12,8 +12,6 @@
   images/<name>_<step>.png      one PNG per image (a batch adds _<index>)
   hparams.json                  the flattened hyperparameters ("optim.lr": 1e-4)
 
-Public API:
-
   MetricWriter(logdir, *, just_logging=False, flush_secs=60.0, drop_rows_after=None)
     .write_scalars(step, {name: number})
     .write_images(step, {name: (H, W, C) or (N, H, W, C) uint8 / float in [0, 1]})

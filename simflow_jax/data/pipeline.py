@@ -25,12 +25,6 @@ grain worker processes (absl flags must be parsed first, as app.run does). Each
 worker builds whole batches from its own slice, so the batch order depends on
 worker_count: keep it fixed within a run (a saved state restores only into a
 loader with the same worker_count).
-
-Public API:
-  make_train_loader(data_cfg, seed, process_index=0, process_count=1) -> grain DatasetIterator
-  make_eval_loader(data_cfg, split, batch_size, process_index=0, process_count=1,
-                   num_examples=None) -> grain DatasetIterator (one pass)
-  per_host_batch_size(batch_size, process_count) -> int
 """
 import math
 

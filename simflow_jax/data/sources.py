@@ -23,19 +23,6 @@ dict(image=uint8 (H, W, C) at the stored size, label=int32 scalar).
                imagenet2012 --file_format=array_record` (needs TensorFlow) too.
   synthetic    deterministic random images and labels (benchmarks): any
                `data.image_size` / `data.channels` / `data.num_classes`.
-
-Public API:
-  SOURCES                                       the allowed `data.source` values
-  make_source(data_cfg, split) -> source        dispatch on data_cfg.source
-  find_split_dir(root, split) -> str            root/<split> (or its alias), clear errors
-  list_class_dirs(split_dir) -> [class names]   sorted sub-folders
-  list_images(class_dir) -> [paths]             image files below, sorted
-  ArraySource(images, labels)                   in-memory arrays
-  ImageFolderSource(root, split, channels, train_split="train", skip_unreadable=False)
-  UnreadableImageError                          an image file that cannot be decoded
-  TfdsSource(name, data_dir, split)             wraps builder.as_data_source
-  SyntheticSource(num_examples, image_size, channels, num_classes, seed)
-  SYNTHETIC_SIZES                               split -> synthetic length
 """
 import os
 import threading

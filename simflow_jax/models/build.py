@@ -1,10 +1,5 @@
 """Builds every model of a run from the config, and checks the config's values.
 
-Public API:
-  validate_config(config)            -> None; ValueError naming the field and the fix
-  build_models(config) -> Models     VAE, flow, PatchGAN (if used), REPA projector (if used)
-  init_params(models, rng)           -> {'vae', 'flow'[, 'disc'][, 'repa_proj']}
-  Models.to_tokens(latents) / Models.to_latents(tokens)
 `jax.eval_shape(lambda r: init_params(models, r), rng)` gives the abstract tree with
 no allocation (paper scale on a laptop).
 """
@@ -96,6 +91,11 @@ def validate_config(config) -> None:
     raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
   for name, classes in (("train.grid_classes", t.grid_classes), ("sample.classes", s.classes)):
     _check_classes(name, classes, d.num_classes)
+  for name, value, least, meaning in (("train.grid_per_class", t.grid_per_class, 1, "grid columns"),
+                                      ("sample.num_samples", s.num_samples, 0, "0 = grid only"),
+                                      ("train.eval_every", t.eval_every, 0, "0 = never")):
+    if value < least:
+      raise ValueError(f"config.{name} must be >= {least} ({meaning}), got {value}.")
   if config.repa.enabled:
     _choice("repa.encoder", config.repa.encoder, tuple(REPA_DIMS))
     n = len(f.layers)
