@@ -244,7 +244,6 @@ def evaluate(config, workdir: str, num_eval_examples: Optional[int] = None) -> d
   if num_eval_examples is not None and num_eval_examples < 2:
     raise ValueError(f"evaluate needs at least 2 eval examples (Frechet distances, "
                      f"interpolation pairs), got num_eval_examples={num_eval_examples}.")
-  build.validate_config(config)
   models = build.build_models(config)
   params = checkpoint.load_params(workdir, config, use_ema=True)
   step = _checkpoint_step(workdir, config)

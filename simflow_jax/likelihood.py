@@ -130,7 +130,6 @@ def run(config, workdir: str) -> dict:
   """`main.py --mode=likelihood`: loads the EMA generator of WORKDIR's latest checkpoint,
   evaluates split_bits_per_dim on config.data.eval_split, writes WORKDIR/likelihood.json
   (numbers + NOTES) and returns the numbers."""
-  build.validate_config(config)
   models = build.build_models(config)
   params = checkpoint.load_params(workdir, config, use_ema=True)
   start = time.time()

@@ -231,10 +231,12 @@ def test_from_config_and_paper_scale_shapes():
   shapes = jax.eval_shape(big.init, jax.random.key(0), jnp.zeros((1, 256, 64)), jnp.zeros((1,), jnp.int32))
   n = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert 8e8 < n < 1.5e9, n  # ~1B-parameter flow at paper scale
-  bad = ml_collections.ConfigDict(dict(cfg))
-  bad.scale = "sigmoid"
-  with pytest.raises(ValueError, match="flow.scale"):
-    F.Flow.from_config(bad, (8, 8), 4, 10)
+  for field, value, message in (("scale", "sigmoid", "flow.scale"), ("cond", "concat", "flow.cond"),
+                                 ("head_dim", 48, "multiple of flow.head_dim")):
+    bad = base.get_base_config()
+    bad.flow[field] = value
+    with pytest.raises(ValueError, match=message):  # checked once, at the config boundary
+      build.validate_config(bad)
 
 
 def test_bfloat16_transformer_keeps_float32_outputs():

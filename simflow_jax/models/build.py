@@ -1,5 +1,9 @@
 """Builds every model of a run from the config, and checks the config's values.
 
+validate_config is the config boundary: build_models runs it once, before anything else
+an entry point (train, sample export, evaluate, likelihood, study, dry run) does with the
+models, so every choice and range is checked in one place.
+
 `jax.eval_shape(lambda r: init_params(models, r), rng)` gives the abstract tree with
 no allocation (paper scale on a laptop).
 """
@@ -61,9 +65,13 @@ def validate_config(config) -> None:
   for name in ("w_l1", "w_lpips", "w_kl", "w_gan", "w_nf"):
     if l[name] < 0:
       raise ValueError(f"config.loss.{name} must be >= 0, got {l[name]}.")
-  _choice("flow.shift_side", f.shift_side, flow_lib.SHIFT_SIDES)
-  _choice("flow.gelu", f.gelu, flow_lib.GELUS)
-  _choice("flow.null_class", f.null_class, flow_lib.NULL_CLASSES)
+  for name, allowed in (("cond", flow_lib.CONDS), ("cond_blocks", flow_lib.COND_BLOCKS),
+                        ("token0", flow_lib.TOKEN0S), ("scale", flow_lib.SCALES),
+                        ("shift_side", flow_lib.SHIFT_SIDES), ("gelu", flow_lib.GELUS),
+                        ("null_class", flow_lib.NULL_CLASSES)):
+    _choice(f"flow.{name}", f[name], allowed)
+  if f.width % f.head_dim:
+    raise ValueError(f"config.flow.width={f.width} must be a multiple of flow.head_dim={f.head_dim}.")
   if f.shift_side == "output" and f.token0 != "shift":
     raise ValueError("config.flow.shift_side='output' feeds x_0 at position 0 and never reads a start "
                      f"token: set --config.flow.token0=shift (got {f.token0!r}).")

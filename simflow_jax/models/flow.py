@@ -22,6 +22,10 @@ from simflow_jax.models import layers
 
 SOFTPLUS_SHIFT = 0.5413248546129181  # softplus(SOFTPLUS_SHIFT) == 1: a fresh block is the identity
 # Choices of the flow options (validated by models/build.py:validate_config).
+CONDS = ("adaln", "add", "none")
+COND_BLOCKS = ("all", "deep")
+TOKEN0S = ("shift", "start_token")
+SCALES = ("exp", "softplus")
 SHIFT_SIDES = ("input", "output")
 GELUS = ("tanh", "exact")
 NULL_CLASSES = ("learned", "mean")
@@ -227,18 +231,8 @@ class Flow(nn.Module):
 
   @classmethod
   def from_config(cls, cfg, latent_hw: Sequence[int], latent_channels: int, num_classes: int) -> "Flow":
-    h, w = latent_hw
+    h, w = latent_hw  # values checked once, by build.validate_config
     p = cfg.patch_size
-    if h % p or w % p:
-      raise ValueError(f"flow.patch_size={p} must divide the latent size {h}x{w}")
-    for name, value, allowed in (("cond", cfg.cond, ("adaln", "add", "none")),
-                                 ("cond_blocks", cfg.cond_blocks, ("all", "deep")),
-                                 ("token0", cfg.token0, ("shift", "start_token")),
-                                 ("scale", cfg.scale, ("exp", "softplus"))):
-      if value not in allowed:
-        raise ValueError(f"flow.{name}={value!r} is not one of {allowed}")
-    if cfg.width % cfg.head_dim:
-      raise ValueError(f"flow.width={cfg.width} must be a multiple of flow.head_dim={cfg.head_dim}")
     return cls(seq_len=(h // p) * (w // p), token_dim=p * p * latent_channels, width=cfg.width,
                layers_per_block=tuple(cfg.layers), head_dim=cfg.head_dim, mlp_ratio=cfg.mlp_ratio,
                cond=cfg.cond, cond_blocks=cfg.cond_blocks, num_classes=num_classes,
