@@ -40,7 +40,7 @@ from absl import logging
 
 from configs import variants
 from simflow_jax import evaluate, train
-from simflow_jax.evals import digits, robustness
+from simflow_jax.evals import digits, figures
 
 STUDY_FILE = "study.json"          # written last in a finished row-seed's workdir
 STAT_NAMES = ("spectral_entropy", "high_freq_ratio", "total_variation", "lag1_autocorrelation")
@@ -330,7 +330,7 @@ def write_outputs(table: dict, results: list, out_dir: str) -> None:
     f.write(table_markdown(table))
   plot_gen_fd(table, os.path.join(out_dir, "gen_fd.png"))
   plot_robustness_sweep(table, os.path.join(out_dir, "robustness.png"))
-  robustness.plot_latent_stats(
+  figures.plot_latent_stats(
       {n: {s: (e["metrics"][f"latent_{s}"]["mean"] or np.nan) for s in STAT_NAMES}
        for n, e in table.items()}, os.path.join(out_dir, "latent_stats.png"))
   for name in table:  # one sample grid per row: its first seed's guided samples

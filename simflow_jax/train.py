@@ -232,6 +232,7 @@ def _vae_source_config(config):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
+  build.validate_config(config)  # before anything else: nothing is written for a refused config
   if config.train.vae_checkpoint and not (epath.Path(workdir) / "checkpoints").exists():
     _vae_source_config(config)  # a missing or mismatched VAE run fails before anything is written
   mesh = sharding.make_mesh(config.mesh)
