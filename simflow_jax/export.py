@@ -184,6 +184,7 @@ def run(config, workdir: str) -> dict:
   for its j-th batch. Returns {'grid_path', 'npz_path' (None without an export),
   'num_samples', 'images_per_sec' (of the shards sampled by this call; None if none was),
   'checkpoint_step', 'shards_sampled', 'shards_resumed'}."""
+  build.validate_config(config)  # the argument checks come before the checkpoint is read
   mesh = sharding.make_mesh(config.mesh)
   _check_run_config(config, mesh.size)
   s = config.sample
