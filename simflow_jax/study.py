@@ -24,7 +24,8 @@ Outputs in DIR/study/: table.md, table.json (mean and std over seeds of every me
 the paper's ImageNet numbers beside them), gen_fd.png (generation FD per row with
 error bars), robustness.png (decoder PSNR under latent noise: the sigma_bar sweep
 against learnable variance, Fig. 3a), latent_stats.png (Fig. 4), samples/<row>.png.
-Compiled programs are cached in DIR/study/xla_cache, so seeds and reruns reuse them.
+Compiled programs are cached in DIR/study/xla_cache (unless a JAX compilation cache is
+already configured, e.g. by JAX_COMPILATION_CACHE_DIR), so seeds and reruns reuse them.
 """
 import copy
 import json
@@ -367,8 +368,9 @@ def run(config, workdir: str) -> dict:
   check(jobs)
   out_dir = os.path.join(workdir, "study")
   os.makedirs(out_dir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if not jax.config.jax_compilation_cache_dir:  # a cache the user configured is kept
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   t_start = time.time()
   clf = digits.get_digit_classifier(jobs[0]["config"].eval.classifier_dir,
                                     steps=config.eval.classifier_steps, seed=0)

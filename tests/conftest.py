@@ -1,14 +1,38 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere)."""
-import os
+"""Test setup, before jax is imported anywhere: 8 simulated CPU devices, and two settings for
+speed (the tests compile far more than they run, and compiling dominates their time):
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  --xla_backend_optimization_level=0   LLVM without optimisation: compiles about twice as fast;
+                                       the tiny programs run a little slower, which costs nothing.
+  JAX_COMPILATION_CACHE_DIR            one persistent compilation cache for the whole session,
+                                       made here (a fresh temporary folder, removed at the end)
+                                       and inherited by the xdist workers and every subprocess,
+                                       so a program compiled by one test (the tiny train step,
+                                       the sampler) is loaded, not recompiled, by the next.
+Either is left alone when the variable is already set in the environment.
+"""
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_MADE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (workers inherit its value)
+  _MADE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="simflow_jax_test_xla_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  del config
+  if _MADE_CACHE is not None:  # made by this process (the controller, or a lone run)
+    shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,8 @@ def test_causality_in_block_order(token0, shift_side):
   params = perturbed_params(flow)
   x, y = data(b=1)
   for k in range(flow.num_blocks):
-    run = lambda a, k=k: flow.apply({"params": params}, a, y, method=lambda m, a, l: m.blocks[k](a, l))[0]
+    run = jax.jit(lambda a, k=k: flow.apply({"params": params}, a, y,
+                                            method=lambda m, a, l: m.blocks[k](a, l))[0])
     z = run(x)
     for t in range(T):
       # Change inputs strictly after t in block k's order (natural order reversed for odd k).

@@ -19,6 +19,7 @@ def _config(rows=("frozen_vae_fixed", "simflow"), steps=4):
   c.study.num_eval_examples = 16
   c.eval.num_samples = 16
   c.eval.noise_sweep = (0.0, 0.5)
+  c.eval.robustness_lpips = False  # as configs/study_digits.py
   c.sample.guidance = 1.0
   return c
 

@@ -98,10 +98,10 @@ def test_smoke_run_resume_equality_and_grid(tmp_path):
   assert set(params) == {"vae", "flow"}
 
 
-def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tiny_trained):
   config = tiny.get_config()
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  shutil.copytree(tiny_trained, workdir)  # a finished tiny run (conftest)
   with config.unlocked():
     config.flow.width = 48
   with pytest.raises(checkpoint.CheckpointError, match="different model config.*flow"):
