@@ -206,3 +206,13 @@ def test_eval_every_logs_digit_metrics(tmp_path, monkeypatch):
   assert evals[2]["eval/digit_fd"] != evals[4]["eval/digit_fd"]  # the parameters moved
   assert len(trainings) == 1
   assert any(f.endswith(".msgpack") for f in os.listdir(os.path.join(workdir, "eval", "digit_classifier")))
+
+
+def test_robustness_lpips_setting_decides_whether_lpips_runs():
+  """eval.robustness_lpips=False: PSNR only (no VGG16 loaded); True: LPIPS on 32 px digits."""
+  fn, note = evaluate._lpips_fn(_config(**{"eval.robustness_lpips": False}))
+  assert fn is None and "eval.robustness_lpips=False" in note
+  fn, note = evaluate._lpips_fn(_config())
+  assert fn is not None and note.startswith("LPIPS (VGG16)")
+  x = np.zeros((2, 32, 32, 1), np.float32)
+  np.testing.assert_allclose(np.asarray(fn(x, x)), 0.0, atol=1e-6)
