@@ -167,6 +167,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   st.stage1_fraction = 0.5     # two-stage rows: share of the budget spent on the VAE alone
   st.num_eval_examples = 500   # eval-split examples per evaluation (0 = the whole split)
   st.quick = False             # a ~10-minute version: fewer steps, one seed, fewer samples
+  st.workers = 1               # processes running row-seeds at once (each its own jax runtime)
 
   return c
 

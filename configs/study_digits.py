@@ -17,6 +17,7 @@ def get_config(arg: str = ""):
   c = demo.get_config()
   c.study.rows = tuple(r for r in arg.split(",") if r) if arg else ()
   c.study.seeds = (0, 1, 2)
+  c.study.workers = 2              # two jax processes keep 2 cores busy (one leaves ~30 % idle)
   c.study.steps = 400
   c.flow.width, c.flow.head_dim = 64, 32
   c.study.stage1_fraction = 0.5

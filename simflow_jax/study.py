@@ -24,15 +24,28 @@ Outputs in DIR/study/: table.md, table.json (mean and std over seeds of every me
 the paper's ImageNet numbers beside them), gen_fd.png (generation FD per row with
 error bars), robustness.png (decoder PSNR under latent noise: the sigma_bar sweep
 against learnable variance, Fig. 3a), latent_stats.png (Fig. 4), samples/<row>.png.
+With config.study.workers = N > 1 the row-seeds run in N spawned worker processes, each
+taking the next one when it is free (row-seeds that share a stage-1 VAE go to one worker,
+in order); this process trains the classifier first, then writes the table, the figures and
+a progress line with an ETA as results arrive. One jax process keeps 2 CPU cores only ~70 %
+busy (compiles, evaluation, small convolutions), so two workers shorten the study there.
+SIGINT / SIGTERM: each worker gets one SIGTERM, saves its training checkpoint and stops;
+rerunning the command resumes.
 Compiled programs are cached in DIR/study/xla_cache (unless a JAX compilation cache is
 already configured, e.g. by JAX_COMPILATION_CACHE_DIR), so seeds and reruns reuse them.
 """
 import copy
 import json
 import math
+import multiprocessing
 import os
+import pickle
+import queue
 import shutil
+import signal
+import threading
 import time
+import traceback
 from typing import Optional
 
 import jax
@@ -75,6 +88,10 @@ def _settings(config) -> dict:
          "num_eval_examples": int(st.num_eval_examples), "num_samples": int(config.eval.num_samples)}
   if st.quick:
     out.update(QUICK)
+  out["workers"] = int(st.workers)
+  if out["workers"] < 1:
+    raise StudyError(f"config.study.workers must be >= 1 (processes running row-seeds at once), "
+                     f"got {out['workers']}.")
   if out["steps"] < 2 or not out["seeds"]:
     raise StudyError(f"config.study.steps must be >= 2 and config.study.seeds non-empty, got "
                      f"{out['steps']} and {out['seeds']}.")
@@ -374,34 +391,173 @@ def run(config, workdir: str) -> dict:
   t_start = time.time()
   clf = digits.get_digit_classifier(jobs[0]["config"].eval.classifier_dir,
                                     steps=config.eval.classifier_steps, seed=0)
-  logging.info("Study: %d row-seeds in %s; digit classifier val accuracy %.3f", len(jobs), workdir,
+  todo = [i for i, job in enumerate(jobs) if not _done(job)]
+  workers = min(settings["workers"], len(_units(jobs, todo))) if todo else 1
+  logging.info("Study: %d row-seeds in %s (%d finished before), %d worker process(es); digit "
+               "classifier val accuracy %.3f", len(jobs), workdir, len(jobs) - len(todo), workers,
                clf.val_accuracy)
+  progress = _Progress(config, jobs, out_dir, settings, workers, t_start)
+  for i in range(len(jobs)):
+    if i not in todo:
+      progress.record(i, run_job(jobs[i], None), True, 0.0)
   n_eval = settings["num_eval_examples"] or None
-  results, spent, ran, loads = [], 0.0, 0, []
-  for i, job in enumerate(jobs):
-    t0 = time.time()
-    was_done = os.path.exists(os.path.join(job["dir"], STUDY_FILE))
-    result = run_job(job, n_eval)
-    results.append(result)
-    dt = time.time() - t0
-    if not was_done:
-      spent, ran = spent + dt, ran + 1
-    left = len(jobs) - i - 1
-    eta = left * spent / ran if ran else float("nan")
-    m = result["metrics"]
+  if workers == 1:
+    for i in todo:
+      t0 = time.time()
+      progress.record(i, run_job(jobs[i], n_eval), False, time.time() - t0)
+  else:
+    _run_parallel(config, workdir, n_eval, _units(jobs, todo), workers, progress)
+  logging.info("Study done in %.0f s (%d run, %d skipped): %s", time.time() - t_start,
+               progress.ran, len(jobs) - progress.ran, os.path.join(out_dir, "table.md"))
+  return progress.table
+
+
+def _done(job: dict) -> bool:
+  return os.path.exists(os.path.join(job["dir"], STUDY_FILE)) and _finished(job["dir"], job["config"])
+
+
+class _Progress:
+  """The parent's bookkeeping: a progress line with an ETA per row-seed, and the table, the
+  figures and run_info.json rewritten after each one."""
+
+  def __init__(self, config, jobs, out_dir, settings, workers, t_start):
+    self.config, self.jobs, self.out_dir = config, jobs, out_dir
+    self.settings, self.workers, self.t_start = settings, workers, t_start
+    self.results, self.ran, self.loads, self.table = [], 0, [], {}
+    self.t_runs = None  # when the first row-seed that runs began (after the classifier)
+
+  def record(self, i: int, result: dict, was_done: bool, seconds: float) -> None:
+    self.results.append(result)
+    if self.t_runs is None and not was_done:
+      self.t_runs = time.time() - seconds
+    self.ran += not was_done
+    left = len(self.jobs) - len(self.results)
+    eta = left * (time.time() - self.t_runs) / self.ran if self.ran else float("nan")
+    job, m = self.jobs[i], result["metrics"]
     logging.info("[study %d/%d] %s seed %d: %s in %.0fs; gen FD %.1f (guided %.1f), rFD %.1f, "
-                 "PSNR %.2f; ETA %.0f min", i + 1, len(jobs), job["row"].name, job["seed"],
-                 "skipped (done)" if was_done else "trained+evaluated", dt,
+                 "PSNR %.2f; ETA %.0f min", len(self.results), len(self.jobs), job["row"].name,
+                 job["seed"], "skipped (done)" if was_done else "trained+evaluated", seconds,
                  m["gen_fd"] or np.nan, m["gen_fd_guided"] or np.nan, m["rfd"] or np.nan,
                  m["psnr"] or np.nan, eta / 60)
-    table = aggregate(results, _table_order(resolve_rows(config)))  # after every row-seed
-    write_outputs(table, results, out_dir)
-    loads.append(os.getloadavg()[1])
-    wall = time.time() - t_start
-    with open(os.path.join(out_dir, "run_info.json"), "w") as f:
-      json.dump({"wall_seconds": wall, "ran": ran, "skipped": i + 1 - ran, "of": len(jobs),
-                 "settings": settings, "mean_loadavg_5min": float(np.mean(loads)),
-                 "cpu_count": os.cpu_count(), "devices": str(jax.devices())}, f, indent=2)
-  logging.info("Study done in %.0f s (%d run, %d skipped): %s", wall, ran, len(jobs) - ran,
-               os.path.join(out_dir, "table.md"))
-  return table
+    self.table = aggregate(self.results, _table_order(resolve_rows(self.config)))
+    write_outputs(self.table, self.results, self.out_dir)
+    self.loads.append(os.getloadavg()[1])
+    with open(os.path.join(self.out_dir, "run_info.json"), "w") as f:
+      json.dump({"wall_seconds": time.time() - self.t_start, "ran": self.ran,
+                 "skipped": len(self.results) - self.ran, "of": len(self.jobs),
+                 "workers": self.workers, "settings": self.settings,
+                 "mean_loadavg_5min": float(np.mean(self.loads)), "cpu_count": os.cpu_count(),
+                 "devices": str(jax.devices())}, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------
+# study.workers > 1: row-seeds in worker processes.
+# ------------------------------------------------------------------------------------
+def _units(jobs: list, todo: list) -> list:
+  """The job indices of `todo`, grouped so that row-seeds sharing a stage-1 VAE run one after
+  another in one worker (the first trains the VAE, the others reuse it); plan order."""
+  units, shared = [], {}
+  for i in todo:
+    key = jobs[i]["stage1"] and jobs[i]["stage1"]["dir"]
+    if key and key in shared:
+      shared[key].append(i)
+      continue
+    units.append([i])
+    if key:
+      shared[key] = units[-1]
+  return units
+
+
+def _worker(config, workdir, n_eval, cache, parent_pid, tasks, results) -> None:
+  """A worker process: runs units from `tasks` until it reads None (or its parent is gone);
+  reports ('done', unit, [(i, result, seconds)]), ('interrupted', unit, None) or
+  ('error', unit, (exception, traceback text))."""
+  os.setpgrp()  # a Ctrl-C at the terminal reaches the parent only; it forwards one SIGTERM
+  logging.set_verbosity(logging.INFO)
+  jax.config.update("jax_compilation_cache_dir", cache[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", cache[1])
+  jobs = plan(config, workdir)
+  while os.getppid() == parent_pid:
+    unit = tasks.get()
+    if unit is None:
+      return
+    try:
+      done = []
+      for i in unit:
+        t0 = time.time()
+        done.append((i, run_job(jobs[i], n_eval), time.time() - t0))
+    except train.Interrupted:
+      results.put(("interrupted", unit, None))
+      return
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
+      try:
+        pickle.dumps(e)
+      except Exception:  # noqa: BLE001 - an exception that does not pickle goes as text
+        e = RuntimeError(f"{type(e).__name__}: {e}")
+      results.put(("error", unit, (e, traceback.format_exc())))
+      return
+    results.put(("done", unit, done))
+
+
+def _run_parallel(config, workdir, n_eval, units, workers, progress) -> None:
+  """Runs `units` in `workers` spawned processes (each takes the next unit when it is free).
+  SIGINT / SIGTERM to this process: the workers get one SIGTERM, save their training
+  checkpoints and stop; then train.Interrupted is raised (rerun to resume). A worker's error
+  stops the others the same way and is raised here."""
+  ctx = multiprocessing.get_context("spawn")
+  tasks, results = ctx.Queue(), ctx.Queue()
+  for unit in units:
+    tasks.put(unit)
+  for _ in range(workers):
+    tasks.put(None)
+  cache = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  procs = [ctx.Process(target=_worker, name=f"study-worker-{k}",
+                       args=(config, workdir, n_eval, cache, os.getpid(), tasks, results))
+           for k in range(workers)]
+  stop = []
+
+  def stop_workers(signum=None, frame=None):
+    if signum is not None:
+      stop.append(signum)
+    for p in procs:
+      if p.is_alive():
+        os.kill(p.pid, signal.SIGTERM)
+
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = {s: signal.signal(s, stop_workers) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+  failure = None
+  try:
+    for p in procs:
+      p.start()
+    pending = len(units)
+    while pending:
+      try:
+        kind, unit, payload = results.get(timeout=2.0)
+      except queue.Empty:
+        if not any(p.is_alive() for p in procs):
+          break
+        continue
+      pending -= 1
+      if kind == "done":
+        for i, result, seconds in payload:
+          progress.record(i, result, False, seconds)
+      elif kind == "error" and failure is None:
+        failure = payload
+        logging.error("A study worker failed on %s:\n%s",
+                      [progress.jobs[i]["row"].name for i in unit], payload[1])
+        stop_workers()
+  finally:
+    for p in procs:
+      p.join()
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if stop:
+    raise train.Interrupted(f"The study stopped on {signal.Signals(stop[0]).name}: the workers "
+                            "saved their training checkpoints; rerun the same command to resume.",
+                            stop[0])
+  if failure is not None:
+    raise failure[0]
+  if pending:
+    raise StudyError(f"The study's worker processes ended with {pending} unit(s) unreported (exit "
+                     f"codes {[p.exitcode for p in procs]}; e.g. killed for memory): rerun the same "
+                     "command to resume, or set config.study.workers=1.")

@@ -1,7 +1,8 @@
 """The variant study end to end at tiny size: table, figures, rerun, bad inputs.
 
 The end-to-end tests share one tiny two-row study (a module fixture: 3 trainings and 4
-evaluations, each compiling its programs) and are marked slow.
+evaluations, each compiling its programs) run by two worker processes (study.workers=2),
+and are marked slow.
 """
 import hashlib
 import json
@@ -13,9 +14,10 @@ from configs import tiny, variants
 from simflow_jax import study, train
 
 
-def _config(rows=("frozen_vae_fixed", "simflow"), steps=4):
+def _config(rows=("frozen_vae_fixed", "simflow"), steps=4, workers=1):
   c = tiny.get_config()
   c.study.rows, c.study.seeds, c.study.steps = rows, (0,), steps
+  c.study.workers = workers
   c.study.num_eval_examples = 16
   c.eval.num_samples = 16
   c.eval.noise_sweep = (0.0, 0.5)
@@ -37,7 +39,7 @@ def _snapshot(root):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("study"))
-  table = study.run(_config(), workdir)
+  table = study.run(_config(workers=2), workdir)  # the two rows in two worker processes
   return workdir, table
 
 
@@ -67,6 +69,8 @@ def test_two_row_study_writes_a_table_with_every_metric(finished):
   assert s2["train"]["vae_checkpoint"] == os.path.join(workdir, "stage1", "vae_fixed", "seed0")
   # One classifier for every row.
   assert os.listdir(os.path.join(out, "classifier"))
+  info = json.load(open(os.path.join(out, "run_info.json")))
+  assert (info["workers"], info["ran"], info["of"]) == (2, 2, 2)
 
 
 @pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
@@ -80,6 +84,30 @@ def test_rerun_skips_finished_rows(finished, monkeypatch):
   monkeypatch.setattr(study.evaluate, "evaluate", no_training)
   again = study.run(_config(), workdir)
   assert again["simflow"]["metrics"] == table["simflow"]["metrics"]
+
+
+def test_rows_sharing_a_stage1_vae_run_in_one_worker_in_plan_order(tmp_path):
+  c = _config(rows=("frozen_vae_learned", "simflow", "frozen_encoder_noise", "frozen_vae_fixed"))
+  c.study.seeds = (0, 1)
+  jobs = study.plan(c, str(tmp_path))
+  names = [(j["row"].name, j["seed"]) for j in jobs]
+  units = [[names[i] for i in unit] for unit in study._units(jobs, list(range(len(jobs))))]
+  # frozen_vae_learned and frozen_encoder_noise both stand on seed k's 'vae_learned' VAE.
+  assert units == [[("frozen_vae_learned", 0), ("frozen_encoder_noise", 0)], [("simflow", 0)],
+                   [("frozen_vae_fixed", 0)],
+                   [("frozen_vae_learned", 1), ("frozen_encoder_noise", 1)], [("simflow", 1)],
+                   [("frozen_vae_fixed", 1)]]
+  # Finished row-seeds are left out; a unit whose first row is done still keeps its others.
+  units = study._units(jobs, [2, 3, 5, 6])
+  assert [[names[i] for i in u] for u in units] == [
+      [("frozen_encoder_noise", 0)], [("frozen_vae_fixed", 0)], [("simflow", 1)],
+      [("frozen_encoder_noise", 1)]]
+
+
+def test_workers_below_one_is_a_clear_error(tmp_path):
+  with pytest.raises(study.StudyError, match="study.workers must be >= 1"):
+    study.run(_config(workers=0), str(tmp_path))
+  assert not os.listdir(tmp_path)
 
 
 def test_unknown_row_is_a_clear_error(tmp_path):
