@@ -27,6 +27,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
+        "filelock>=3.12",     # the xdist workers build the shared tiny run once (tests/conftest.py)
         "nbclient>=0.10",
         "nbformat>=5.9",
         "ipykernel>=6.29",

@@ -29,6 +29,8 @@ taking the next one when it is free (row-seeds that share a stage-1 VAE go to on
 in order); this process trains the classifier first, then writes the table, the figures and
 a progress line with an ETA as results arrive. One jax process keeps 2 CPU cores only ~70 %
 busy (compiles, evaluation, small convolutions), so two workers shorten the study there.
+Each worker's XLA_FLAGS get config.study.worker_xla_flags (default: single-threaded XLA
+CPU, so N workers on N cores do not fight over each other's thread pools).
 SIGINT / SIGTERM: each worker gets one SIGTERM, saves its training checkpoint and stops;
 rerunning the command resumes.
 Compiled programs are cached in DIR/study/xla_cache (unless a JAX compilation cache is
@@ -499,6 +501,21 @@ def _worker(config, workdir, n_eval, cache, parent_pid, tasks, results) -> None:
     results.put(("done", unit, done))
 
 
+def _start(procs, extra_xla_flags: str) -> None:
+  """Starts the workers with extra_xla_flags added to XLA_FLAGS (each worker's jax reads
+  them when it starts); this process's environment is left as it was."""
+  env_flags = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, (env_flags, extra_xla_flags)))
+  try:
+    for p in procs:
+      p.start()
+  finally:
+    if env_flags is None:
+      del os.environ["XLA_FLAGS"]
+    else:
+      os.environ["XLA_FLAGS"] = env_flags
+
+
 def _run_parallel(config, workdir, n_eval, units, workers, progress) -> None:
   """Runs `units` in `workers` spawned processes (each takes the next unit when it is free).
   SIGINT / SIGTERM to this process: the workers get one SIGTERM, save their training
@@ -527,8 +544,7 @@ def _run_parallel(config, workdir, n_eval, units, workers, progress) -> None:
   previous = {s: signal.signal(s, stop_workers) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
   failure = None
   try:
-    for p in procs:
-      p.start()
+    _start(procs, str(config.study.worker_xla_flags))
     pending = len(units)
     while pending:
       try:
@@ -548,7 +564,8 @@ def _run_parallel(config, workdir, n_eval, units, workers, progress) -> None:
         stop_workers()
   finally:
     for p in procs:
-      p.join()
+      if p.pid is not None:  # started
+        p.join()
     for s, handler in previous.items():
       signal.signal(s, handler)
   if stop:

@@ -36,12 +36,20 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def tiny_trained(tmp_path_factory) -> str:
-  """A workdir holding configs/tiny.py trained for its 4 steps, built once per session
-  (per xdist worker) and shared by the CLI tests (evaluate, likelihood, sample)."""
+def tiny_trained(tmp_path_factory, worker_id) -> str:
+  """A workdir holding configs/tiny.py trained for its 4 steps, shared by the CLI tests
+  (evaluate, likelihood, sample, study, train). Built once per session: the first xdist
+  worker to need it trains it under a file lock in the workers' common temporary folder,
+  the other then finds it there. Tests read it (or copy it); none changes its checkpoints."""
+  import filelock
   from configs import tiny
   from simflow_jax import train
-  config = tiny.get_config()
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_trained")
-  train.train_and_evaluate(config, workdir)
-  return workdir
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":  # xdist: the workers' folders share this parent
+    root = root.parent
+  workdir = root / "tiny_trained"
+  with filelock.FileLock(str(root / "tiny_trained.lock")):
+    if not (workdir / "TRAINED").exists():
+      train.train_and_evaluate(tiny.get_config(), str(workdir))
+      (workdir / "TRAINED").write_text("")
+  return str(workdir)

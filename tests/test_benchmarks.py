@@ -35,6 +35,7 @@ def test_matmul_peak_script():
   _check_matmul(out["matmul"], 128)
 
 
+@pytest.mark.slow  # a subprocess compiling the joint train step: ~1 minute on 2 cores
 def test_train_throughput_script_on_tiny():
   out = _run_script("train_throughput.py", "--configs=tiny", "--steps=2", "--warmup=1",
                     "--matmul_size=128", "--matmul_reps=3")

@@ -1,4 +1,5 @@
 """Exact-math tests of the autoregressive flow on tiny models (models/flow.py)."""
+import functools
 import itertools
 
 import jax
@@ -15,6 +16,14 @@ from simflow_jax.models import inverse as I
 
 T, D, NCLS = 8, 4, 3
 
+# The flow's entry points, jitted (the flow module and the method are static): one compile
+# per call instead of dispatching the flow op by op, which compiles every primitive on its
+# own and used to be most of these tests' time.
+forward = jax.jit(F.forward, static_argnums=0)
+block_logdets = jax.jit(F.block_logdets, static_argnums=0)
+inverse = jax.jit(I.inverse, static_argnums=(0, 4, 5),
+                  static_argnames=("method", "guides", "chunk", "threshold", "max_iters"))
+
 
 # The options that make the flow TarFlow (docs/flow.md), all at once.
 TARFLOW = dict(shift_side="output", final_norm=False, ln_eps=1e-5, gelu="exact", null_class="mean",
@@ -28,6 +37,7 @@ def make_flow(cond="adaln", token0="shift", scale="exp", scan=True, layers=(1, 2
                 scan_layers=scan, **options)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def perturbed_params(flow, seed=0, std=0.1):
   """Init, then perturb every parameter so the zero-initialised heads are non-trivial."""
   x = jnp.zeros((2, T, D))
@@ -61,11 +71,11 @@ def test_inverse_of_forward_cached_and_dense(cond, token0, scale, options):
   if flow.null_class == "mean":  # one example of the null class (the mean embedding)
     y = y.at[1].set(NCLS)
   labels = None if cond == "none" else y
-  z, logdet = F.forward(flow, params, x, labels)
+  z, logdet = forward(flow, params, x, labels)
   assert z.shape == x.shape and logdet.shape == (2,)
   assert float(jnp.abs(z - x).max()) > 1e-2, "perturbed flow should not be the identity"
   for method in I.METHODS:  # jacobi and selective exact at threshold 0
-    x_rec, _ = I.inverse(flow, params, z, labels, method, chunk=3, threshold=0.0)
+    x_rec, _ = inverse(flow, params, z, labels, method, chunk=3, threshold=0.0)
     np.testing.assert_allclose(x_rec, x, atol=1e-4, err_msg=method)
 
 
@@ -75,7 +85,7 @@ def test_block_logdets_match_jacobian(token0, scale, options):
   flow = make_flow("adaln" if not options else "add", token0, scale, **options)
   params = perturbed_params(flow, std=0.2 if flow.final_norm else 0.05)
   x, y = data(b=1)
-  lds = F.block_logdets(flow, params, x, y)  # (K, 1)
+  lds = block_logdets(flow, params, x, y)  # (K, 1)
   # Per-block maps: run block k alone through a one-block view of the same params; the
   # prior std's scaling (prior_std) is counted in the last block's.
   z = x
@@ -86,13 +96,13 @@ def test_block_logdets_match_jacobian(token0, scale, options):
       if flow.prior_std and k == flow.num_blocks - 1:
         out = out * jnp.exp(-params["prior_log_std"])
       return out.reshape(-1)
-    jac = jax.jacfwd(block_map)(z.reshape(-1))  # (T*D, T*D)
+    jac = jax.jit(jax.jacfwd(block_map))(z.reshape(-1))  # (T*D, T*D)
     sign, logabsdet = np.linalg.slogdet(np.asarray(jac, np.float64))
     assert sign != 0
     np.testing.assert_allclose(lds[k, 0], logabsdet, rtol=1e-4, atol=1e-4)
-    z = block_map(z.reshape(-1)).reshape(1, T, D)
+    z = jax.jit(block_map)(z.reshape(-1)).reshape(1, T, D)
   # The whole flow's logdet is the sum of the blocks'.
-  _, total = F.forward(flow, params, x, y)
+  _, total = forward(flow, params, x, y)
   np.testing.assert_allclose(total, lds.sum(0), rtol=1e-5, atol=1e-5)
 
 
@@ -122,15 +132,15 @@ def test_fresh_flow_is_identity():
   for token0, scale in itertools.product(["shift", "start_token"], ["exp", "softplus"]):
     flow = make_flow("adaln", token0, scale)
     x, y = data()
-    params = flow.init(jax.random.key(0), x, y)["params"]
-    z, logdet = F.forward(flow, params, x, y)
+    params = jax.jit(flow.init)(jax.random.key(0), x, y)["params"]
+    z, logdet = forward(flow, params, x, y)
     np.testing.assert_allclose(z, x, atol=1e-6)
     np.testing.assert_allclose(logdet, 0.0, atol=1e-5)
   for cond in ("add", "adaln"):  # TarFlow's options: the prior std starts at 1
     flow = make_flow(cond, **TARFLOW)
     x, y = data()
-    params = flow.init(jax.random.key(0), x, y)["params"]
-    z, logdet = F.forward(flow, params, x, y)
+    params = jax.jit(flow.init)(jax.random.key(0), x, y)["params"]
+    z, logdet = forward(flow, params, x, y)
     np.testing.assert_allclose(z, x, atol=1e-6)
     np.testing.assert_allclose(logdet, 0.0, atol=1e-5)
 
@@ -155,11 +165,11 @@ def test_scanned_layers_equal_unrolled_reference():
   ref_shapes = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((2, T, D)), jnp.zeros((2,), jnp.int32))
   assert jax.tree.structure(ref_shapes["params"]) == jax.tree.structure(params_u)
   x, y = data()
-  z1, ld1 = F.forward(scanned, params, x, y)
-  z2, ld2 = F.forward(unrolled, params_u, x, y)
+  z1, ld1 = forward(scanned, params, x, y)
+  z2, ld2 = forward(unrolled, params_u, x, y)
   np.testing.assert_allclose(z1, z2, atol=1e-5)
   np.testing.assert_allclose(ld1, ld2, atol=1e-5)
-  np.testing.assert_allclose(I.inverse(unrolled, params_u, z2, y)[0], x, atol=1e-4)
+  np.testing.assert_allclose(inverse(unrolled, params_u, z2, y)[0], x, atol=1e-4)
   # The unrolled view the decoder builds from scanned parameters is the same tree.
   flow_u, params_view = I.unroll_layers(scanned, params)
   assert flow_u.scan_layers is False
@@ -177,10 +187,10 @@ def test_cached_inverse_equals_dense_with_guidance_callable():
     bc, bu = jnp.split(b, 2)
     return lc + w * (lc - lu), bc + w * (bc - bu)
 
-  xc, _ = I.inverse(flow, params, z, y, "cached", (guide, guide))
-  xd, _ = I.inverse(flow, params, z, y, "dense", (guide, guide))
+  xc, _ = inverse(flow, params, z, y, "cached", (guide, guide))
+  xd, _ = inverse(flow, params, z, y, "dense", (guide, guide))
   np.testing.assert_allclose(xc, xd, atol=1e-5)
-  assert float(jnp.abs(xc - I.inverse(flow, params, z, y, "cached")[0]).max()) > 1e-4
+  assert float(jnp.abs(xc - inverse(flow, params, z, y, "cached")[0]).max()) > 1e-4
 
 
 def test_labels_change_output_and_deep_only_conditioning():
@@ -188,8 +198,8 @@ def test_labels_change_output_and_deep_only_conditioning():
   params = perturbed_params(flow)
   assert "class_embed" not in params["block_0"] and "class_embed" in params["block_1"]
   x, _ = data()
-  z0, _ = F.forward(flow, params, x, jnp.array([0, 0]))
-  z1, _ = F.forward(flow, params, x, jnp.array([1, 1]))
+  z0, _ = forward(flow, params, x, jnp.array([0, 0]))
+  z1, _ = forward(flow, params, x, jnp.array([1, 1]))
   assert float(jnp.abs(z0 - z1).max()) > 1e-3
 
 
@@ -245,16 +255,16 @@ def test_bfloat16_transformer_keeps_float32_outputs():
                 cond="adaln", num_classes=NCLS, dtype=jnp.bfloat16)
   params = perturbed_params(flow)
   x, y = data()
-  z, logdet = F.forward(flow, params, x, y)
+  z, logdet = forward(flow, params, x, y)
   assert z.dtype == jnp.float32 and logdet.dtype == jnp.float32
   # Same parameters in float32: bf16 matmuls move (a, b) by bf16 rounding only.
   flow32 = flow.clone(dtype=jnp.float32)
-  z32, logdet32 = F.forward(flow32, params, x, y)
+  z32, logdet32 = forward(flow32, params, x, y)
   np.testing.assert_allclose(z, z32, atol=0.1)
   assert float(jnp.abs(z - z32).max()) > 0, "bf16 compute should differ from f32"
   # Cached bf16 decoding rounds differently from the dense pass, so invertibility is
   # approximate at bf16 precision; float32 (the test above) is exact to 1e-4.
-  np.testing.assert_allclose(I.inverse(flow, params, z, y)[0], x, atol=0.1)
+  np.testing.assert_allclose(inverse(flow, params, z, y)[0], x, atol=0.1)
 
 
 def test_flow_options_validated_once_and_old_fingerprints_kept():
@@ -283,7 +293,7 @@ def test_mean_null_class_is_the_mean_embedding():
   table = params["block_0"]["class_embed"]["embedding"]
   assert table.shape == (NCLS, 32)  # no extra null row
   x, _ = data(b=1)
-  run = lambda p, y: F.forward(flow, p, x, jnp.array([y]))[0]
+  run = lambda p, y: forward(flow, p, x, jnp.array([y]))[0]
   # Replacing the rows by their mean makes every class the null class.
   mean_params = jax.tree.map(lambda a: a, params)
   for k in ("block_0", "block_1"):

@@ -16,6 +16,7 @@ import sys
 import nbclient
 import nbformat
 import numpy as np
+import pytest
 from PIL import Image
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks",
@@ -52,6 +53,7 @@ def test_committed_notebook_has_no_outputs():
                      "committing (Jupyter: Edit > Clear Outputs of All Cells, then save)")
 
 
+@pytest.mark.slow  # a Jupyter kernel that imports jax and trains: ~2 minutes on 2 cores
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   jupyter_dir = tmp_path / "jupyter"
   _install_kernelspec(jupyter_dir)

@@ -1,8 +1,8 @@
 """The variant study end to end at tiny size: table, figures, rerun, bad inputs.
 
 The end-to-end tests share one tiny two-row study (a module fixture: 3 trainings and 4
-evaluations, each compiling its programs) run by two worker processes (study.workers=2),
-and are marked slow.
+evaluations, each compiling its programs) run by two worker processes (study.workers=2).
+They are part of the default (CI) run.
 """
 import hashlib
 import json
@@ -43,7 +43,6 @@ def finished(tmp_path_factory):
   return workdir, table
 
 
-@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
 def test_two_row_study_writes_a_table_with_every_metric(finished):
   workdir, table = finished
   out = os.path.join(workdir, "study")
@@ -73,7 +72,6 @@ def test_two_row_study_writes_a_table_with_every_metric(finished):
   assert (info["workers"], info["ran"], info["of"]) == (2, 2, 2)
 
 
-@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
 def test_rerun_skips_finished_rows(finished, monkeypatch):
   workdir, table = finished
 
@@ -116,7 +114,6 @@ def test_unknown_row_is_a_clear_error(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.slow  # shares one tiny two-row study: ~1770 s at load 10 on 2 cores
 def test_workdirs_of_another_config_stop_the_study_untouched(finished):
   workdir, _ = finished
   before = _snapshot(workdir)

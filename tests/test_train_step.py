@@ -27,9 +27,10 @@ def _setup(variant="", repa=False, **loss):
       config.repa.proj_hidden = 32
       config.repa.w_flow, config.repa.w_vae = repa
   models = build.build_models(config)
-  params = build.init_params(models, jax.random.key(0))
-  # Perturb the zero-initialised flow heads so every path carries gradient.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  # Init, then perturb the zero-initialised flow heads so every path carries gradient (one
+  # jitted program: op-by-op dispatch would compile every primitive on its own).
+  params = jax.jit(lambda r: jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                                          build.init_params(models, r)))(jax.random.key(0))
   rng = np.random.RandomState(0)
   batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32),
            "label": jnp.asarray([0, 1, 2, 3], jnp.int32)}
@@ -114,15 +115,15 @@ def _by_hand_loss(config, models, params, batch, rng):
 def test_learned_variance_loss_is_the_elbo_with_entropy(preset):
   config, models, params, batch, frozen = _setup(preset, w_l1=1.0, w_nf=0.7, w_kl=1e-3)
   rng = jax.random.key(3)
-  fn = functools.partial(train_step.generator_loss, models=models, config=config)
+  fn = jax.jit(functools.partial(train_step.generator_loss, models=models, config=config))
   gen = {k: v for k, v in params.items() if k != "disc"}
   loss, (metrics, _) = fn(gen, None, batch, frozen, rng, jnp.int32(0))
-  expected, entropy = _by_hand_loss(config, models, params, batch, rng)
+  expected, entropy = jax.jit(functools.partial(_by_hand_loss, config, models))(params, batch, rng)
   np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["posterior_entropy_per_dim"]), float(entropy), rtol=1e-5)
   # The old objective (flow NLL alone) is one field away and differs by w_nf * entropy.
   config.loss.posterior_entropy = False
-  fn = functools.partial(train_step.generator_loss, models=models, config=config)
+  fn = jax.jit(functools.partial(train_step.generator_loss, models=models, config=config))
   loss_old, _ = fn(gen, None, batch, frozen, rng, jnp.int32(0))
   np.testing.assert_allclose(float(loss_old) - float(loss), 0.7 * float(entropy), rtol=1e-4)
 
@@ -134,7 +135,7 @@ def test_noise_rows_decode_the_noisy_latents_the_flow_models():
   out = {}
   for noisy in (True, False):
     config.loss.decode_noisy = noisy
-    fn = functools.partial(train_step.generator_loss, models=models, config=config)
+    fn = jax.jit(functools.partial(train_step.generator_loss, models=models, config=config))
     out[noisy] = fn(gen, None, batch, frozen, rng, jnp.int32(0))[1][1]
   inp = train_step.flow_input(models, params["vae"], batch["image"], jax.random.split(rng)[0],
                               config.loss.flow_noise_std)
