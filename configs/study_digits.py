@@ -2,12 +2,11 @@
 
   python main.py --config=configs/study_digits.py --mode=study --workdir=DIR
   python main.py --config=configs/study_digits.py:simflow,end_to_end_noise ...   (some rows)
-  --config.study.quick=True                                                      (~11 minutes, estimated)
+  --config.study.quick=True                                                      (~8 minutes, estimated)
 
 The demo's VAE (configs/demo.py: 32x32 digits -> 8x8x4 latents) and a narrower two-block
-flow over 16 tokens, at a step budget of 400 per row: the ten rows x three seeds took 90
-minutes on a 2-core CPU with two study processes sharing the cores (one process alone: about
-two hours; README "Variant study"). Every row uses these settings; only its preset
+flow over 16 tokens, at a step budget of 400 per row: the ten rows x three seeds took 52
+minutes on a 2-core CPU with two worker processes (README "Variant study"). Every row uses these settings; only its preset
 (configs/variants.py) differs.
 """
 from configs import base, demo

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+import conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_script(name: str, *args: str) -> dict:
   """Runs benchmarks/NAME on one CPU device (fast XLA compile); returns its JSON output."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.SPEED_FLAGS)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
