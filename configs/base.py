@@ -170,7 +170,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   st.workers = 1               # processes running row-seeds at once (each its own jax runtime)
   # Added to each worker's XLA_FLAGS (workers > 1): one XLA CPU thread per worker, so workers on
   # as many cores do not contend (on 2 cores: 2 workers 1.7x one process's throughput).
-  st.worker_xla_flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  st.worker_xla_flags = "--xla_cpu_multi_thread_eigen=false"
 
   return c
 

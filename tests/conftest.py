@@ -4,7 +4,7 @@ speed (the tests compile far more than they run, and compiling dominates their t
   --xla_backend_optimization_level=0   LLVM without optimisation: compiles about twice as fast;
                                        the tiny programs run a little slower, which costs nothing.
   --xla_cpu_multi_thread_eigen=false   one XLA CPU thread per process: the two xdist workers (and
-  intra_op_parallelism_threads=1       their subprocesses) on 2 cores do not fight over thread
+                                       their subprocesses) on 2 cores do not fight over thread
                                        pools (as study.worker_xla_flags, configs/base.py).
   JAX_COMPILATION_CACHE_DIR            one persistent compilation cache for the whole session,
                                        made here (a fresh temporary folder, removed at the end)
@@ -17,8 +17,7 @@ import os
 import shutil
 import tempfile
 
-SPEED_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false "
-               "intra_op_parallelism_threads=1")
+SPEED_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + SPEED_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _MADE_CACHE = None
