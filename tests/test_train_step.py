@@ -144,6 +144,7 @@ def test_noise_rows_decode_the_noisy_latents_the_flow_models():
   np.testing.assert_allclose(out[False], decode(inp.latents), atol=1e-5)
 
 
+@pytest.mark.slow  # two more grad compiles; the noise rows' flow input is checked exactly above
 def test_noise_augmented_changes_flow_input():
   _, m_plain = _grad_norms(*_setup("learned_variance"))
   _, m_aug = _grad_norms(*_setup("noise_augmented"))
