@@ -208,10 +208,15 @@ def _pick(tree, path):
   return tree
 
 
+def _done(job: dict) -> bool:
+  """Whether the row-seed is trained and evaluated (its study.json is written last)."""
+  return os.path.exists(os.path.join(job["dir"], STUDY_FILE)) and _finished(job["dir"], job["config"])
+
+
 def run_job(job: dict, num_eval_examples: Optional[int]) -> dict:
   """Trains (stage 1 if needed, then the row) and evaluates one row-seed; returns study.json."""
   out = os.path.join(job["dir"], STUDY_FILE)
-  if os.path.exists(out) and _finished(job["dir"], job["config"]):
+  if _done(job):
     with open(out) as f:
       return json.load(f)
   seconds = {"stage1": 0.0}
@@ -362,11 +367,9 @@ def write_outputs(table: dict, results: list, out_dir: str) -> None:
 def report(config, workdir: str) -> dict:
   """Rewrites DIR/study's table and figures from the row-seeds finished so far (no training)."""
   results = []
-  for job in plan(config, workdir):
-    path = os.path.join(job["dir"], STUDY_FILE)
-    if os.path.exists(path) and _finished(job["dir"], job["config"]):
-      with open(path) as f:
-        results.append(json.load(f))
+  for job in filter(_done, plan(config, workdir)):
+    with open(os.path.join(job["dir"], STUDY_FILE)) as f:
+      results.append(json.load(f))
   if not results:
     raise StudyError(f"No finished row-seed in {workdir}: run the study first.")
   table = aggregate(results, _table_order(resolve_rows(config)))
@@ -412,10 +415,6 @@ def run(config, workdir: str) -> dict:
   logging.info("Study done in %.0f s (%d run, %d skipped): %s", time.time() - t_start,
                progress.ran, len(jobs) - progress.ran, os.path.join(out_dir, "table.md"))
   return progress.table
-
-
-def _done(job: dict) -> bool:
-  return os.path.exists(os.path.join(job["dir"], STUDY_FILE)) and _finished(job["dir"], job["config"])
 
 
 class _Progress:
