@@ -22,7 +22,9 @@ Prints one JSON object {"machine", "config", "load_average_{before,after}", "res
   baseline, tarflow: seconds (median), images_per_s, compile_s (baseline)
   speedup_vs_baseline, speedup_vs_tarflow: cached images/s over theirs
   selective_speedup: selective over cached
-"scaling": time per image of the cached sampler for the --scaling configs (and --config).
+"scaling": for the --scaling configs (and --config), batch 8, unguided, cached: time per
+image, FLOPs per image (flops_per_image) and their rate as a fraction of this process's
+2048^2 f32 matmul rate (matmul_flops_per_s), compile time and peak memory.
 Each (batch, guidance) result is also printed to stderr as one JSON line when it is done.
 """
 import json
@@ -48,6 +50,7 @@ _METHODS = flags.DEFINE_list("methods", ["cached", "jacobi", "selective"], "Inve
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed calls of each sampler (interleaved).")
 _CHUNK = flags.DEFINE_integer("jacobi_chunk", 32, "Jacobi chunk (0 = the whole sequence).")
 _THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi stopping threshold.")
+_WINDOWS = flags.DEFINE_integer("kv_windows", 8, "KV-cache windows of a sequentially decoded block.")
 _PERTURB = flags.DEFINE_float("perturb", 0.02, "Std of the noise added to the flow parameters.")
 _BASELINE = flags.DEFINE_string("baseline_repo", "", "Checkout of commit 4746437 to time side by side.")
 _TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow to time side by side.")
@@ -82,7 +85,7 @@ def build_sampler(flow, params, batch: int, guidance: float, method: str):
   """Compiles noise -> tokens; returns (call() -> (tokens, steps), compile seconds, peak MB)."""
   guides = guidance_lib.block_guides(flow, guidance)
   fn = jax.jit(lambda p, z, y: inverse_lib.inverse(flow, p, z, y, method, guides, chunk=_CHUNK.value,
-                                                   threshold=_THRESHOLD.value))
+                                                   threshold=_THRESHOLD.value, windows=_WINDOWS.value))
   z = jax.random.normal(jax.random.key(batch), (batch, flow.seq_len, flow.token_dim))
   y = jnp.arange(batch, dtype=jnp.int32) % flow.num_classes
   t0 = time.perf_counter()
@@ -93,6 +96,17 @@ def build_sampler(flow, params, batch: int, guidance: float, method: str):
   if mem is not None:
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
   return (lambda: compiled(params, z, y)), compile_s, peak
+
+
+def flops_per_image(flow) -> float:
+  """FLOPs of one image's sequential inverse (unguided): per token of every block, the
+  dense layers' matmuls (2 x weights) and causal attention over the t + 1 tokens so far
+  (q.k and weights.v: 4 x width x (t + 1)), plus the block's input and output projections."""
+  w, d, t = flow.width, flow.token_dim, flow.seq_len
+  layer = 2 * (4 * w * w + 2 * flow.mlp_ratio * w * w)   # q, k, v, out, fc1, fc2
+  attention = 4 * w * t * (t + 1) / 2                    # summed over the tokens of a block
+  per_block = lambda depth: t * (depth * layer + 2 * (d * w + w * 2 * d)) + depth * attention
+  return float(sum(per_block(depth) for depth in flow.layers_per_block))
 
 
 def timed_call(call) -> tuple[float, object]:
@@ -161,15 +175,18 @@ def main(argv):
   for worker in workers.values():
     worker.close()
   scaling = {}
+  peak_rate = common.matmul_peak(jax.local_devices()[:1])["flops_per_s"]
   for name in [_CONFIG.value, *_SCALING.value]:
     f, _, _ = common.flow_model(name)
     call, compile_s, peak = build_sampler(f, make_params(f), 8, 0.0, "cached")
     times = [timed_call(call)[0] for _ in range(_ROUNDS.value)]
+    per_image = statistics.median(times) / 8
     scaling[name] = {"tokens": f.seq_len, "compile_s": compile_s, "peak_memory_mb": peak,
-                     "seconds_per_image": statistics.median(times) / 8,
+                     "seconds_per_image": per_image, "flops_per_image": flops_per_image(f),
+                     "matmul_peak_fraction": flops_per_image(f) / per_image / peak_rate,
                      "seconds_per_token_step": statistics.median(times) / (f.num_blocks * f.seq_len)}
   common.emit({"machine": common.machine(), "config": _CONFIG.value, "rounds": _ROUNDS.value,
-               "jacobi_chunk": _CHUNK.value, "jacobi_threshold": _THRESHOLD.value, "perturb": _PERTURB.value,
+               "matmul_flops_per_s": peak_rate, "kv_windows": _WINDOWS.value, "jacobi_chunk": _CHUNK.value, "jacobi_threshold": _THRESHOLD.value, "perturb": _PERTURB.value,
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "results": results, "scaling": scaling})
 

@@ -144,6 +144,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.jacobi_chunk = 0           # tokens per Jacobi chunk; 0 = whole sequence
   s.jacobi_threshold = 1e-3    # stop a chunk when its relative change is below this
   s.jacobi_max_iters = 0       # 0 = chunk length (exact)
+  s.kv_windows = 8             # KV-cache windows of a block decoded token by token: a token
+                               # reads the finished prefix and its window (more = less read
+                               # per token, more to compile; same samples for any value)
   s.batch_size = 64
   s.num_samples = 0            # .npz export count (0 = none)
   s.classes = ()               # grid classes (empty = all up to 10)

@@ -6,7 +6,7 @@ the guidance rules are models/inverse.py and models/guidance.py, and the
 
 `sample_cfg` is `config.sample` (configs/base.py): temperature, guidance and its rule,
 schedule and blocks, and the inverse (cached | jacobi | selective) with its Jacobi chunk,
-threshold and iteration cap. Tokens are (B, T, D), images (B, H, W, C) in [-1, 1].
+threshold and iteration cap and the sequential decoder's KV-cache windows. Tokens are (B, T, D), images (B, H, W, C) in [-1, 1].
 """
 import copy
 import functools
@@ -40,7 +40,8 @@ def sample_tokens(models, flow_params, labels, rng, sample_cfg):
   tokens, steps = inverse_lib.inverse(
       models.flow, flow_params, z, labels, sample_cfg.inverse,
       guidance_lib.guides_from_config(models.flow, sample_cfg), chunk=sample_cfg.jacobi_chunk,
-      threshold=sample_cfg.jacobi_threshold, max_iters=sample_cfg.jacobi_max_iters)
+      threshold=sample_cfg.jacobi_threshold, max_iters=sample_cfg.jacobi_max_iters,
+      windows=sample_cfg.kv_windows)
   return tokens, {"steps": steps}
 
 

@@ -86,6 +86,10 @@ def test_sample_throughput_script_on_a_small_flow_config():
   assert r["selective_speedup"] == pytest.approx(r["cached"]["seconds"] / r["selective"]["seconds"])
   s = out["scaling"]["tarflow64"]
   assert s["tokens"] == 64 and s["seconds_per_image"] > 0
+  # 64 tokens, width 256, 4 blocks x 2 layers, 16-dim tokens: matmuls + causal attention.
+  assert s["flops_per_image"] == 4 * (64 * (2 * 2 * 12 * 256 ** 2 + 2 * 3 * 16 * 256) + 2 * 4 * 256 * 64 * 65 / 2)
+  assert s["matmul_peak_fraction"] == pytest.approx(s["flops_per_image"] / s["seconds_per_image"]
+                                                    / out["matmul_flops_per_s"])
 
 
 @pytest.mark.slow

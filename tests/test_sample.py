@@ -37,16 +37,16 @@ def perturbed_params(flow, seed=0, std=0.1):
   return jax.tree.unflatten(tree, noisy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _inverse(flow, method, guides, chunk, params, z, labels, threshold, max_iters):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _inverse(flow, method, guides, chunk, windows, params, z, labels, threshold, max_iters):
   return I.inverse(flow, params, z, labels, method, guides, chunk=chunk, threshold=threshold,
-                   max_iters=max_iters)
+                   max_iters=max_iters, windows=windows)
 
 
-def jitted_inverse(flow, method="cached", guides=None, chunk=0, threshold=0.0, max_iters=0):
-  """fn(params, z, labels) -> (x, steps): compiled once per (flow, method, guides, chunk);
-  the threshold and the iteration cap are traced."""
-  return lambda p, z, y: _inverse(flow, method, guides, chunk, p, z, y, threshold, max_iters)
+def jitted_inverse(flow, method="cached", guides=None, chunk=0, threshold=0.0, max_iters=0, windows=8):
+  """fn(params, z, labels) -> (x, steps): compiled once per (flow, method, guides, chunk,
+  windows); the threshold and the iteration cap are traced."""
+  return lambda p, z, y: _inverse(flow, method, guides, chunk, windows, p, z, y, threshold, max_iters)
 
 
 def sample_cfg(**overrides):
@@ -130,7 +130,8 @@ def test_block_guides_selection_and_config_errors():
                               ("guidance_blocks", "shallow", "guidance_blocks"),
                               ("inverse", "newton", "sample.inverse"),
                               ("temperature", 0.0, "temperature"),
-                              ("jacobi_threshold", -1.0, "jacobi")):
+                              ("jacobi_threshold", -1.0, "jacobi"),
+                              ("kv_windows", 0, "kv_windows")):
     config = base.get_base_config()
     config.sample[field] = value
     with pytest.raises(ValueError, match=match):
@@ -172,6 +173,33 @@ def test_cached_dense_jacobi_and_selective_agree(flow_case, rule, schedule):
     x, steps = jitted_inverse(flow, method, guides, chunk=5)(params, z, y)
     np.testing.assert_allclose(x, x_cached, atol=1e-4, err_msg=method)
     np.testing.assert_array_equal(steps, [[5, 5, 2]] * 2)
+
+
+def test_window_bounds():
+  assert I.window_bounds(12, 1) == [0, 12]
+  assert I.window_bounds(12, 4) == [0, 3, 6, 9, 12]
+  assert I.window_bounds(12, 5) == [0, 2, 5, 7, 10, 12]  # near-equal windows
+  assert I.window_bounds(12, 100) == list(range(13))      # at most one window per token
+  assert I.window_bounds(12, 100, lag=1) == [0, *range(2, 13)]  # the first window fills a slot
+  with pytest.raises(AssertionError, match="at least one cache window"):
+    I.window_bounds(12, 0)
+
+
+@pytest.mark.parametrize("shift_side", ["input", "output"])
+def test_cached_inverse_is_the_same_for_any_number_of_cache_windows(shift_side):
+  """A token reads the finished prefix and its own window: any split of the token loop
+  (one window, uneven windows, one per token) gives the dense inverse, guided or not."""
+  flow = F.Flow(seq_len=T, token_dim=D, width=32, layers_per_block=(1, 2), head_dim=16, cond="add",
+                num_classes=NCLS, shift_side=shift_side)
+  params = perturbed_params(flow, std=0.05)
+  z, y = noise()
+  guides = G.block_guides(flow, 1.5)
+  for g in (None, guides):
+    exact, _ = jitted_inverse(flow, "dense", g)(params, z, y)
+    assert float(jnp.abs(exact - z).max()) > 1e-2, "perturbed flow should not be the identity"
+    for windows in ((1, 5, T) if g is None else (3,)):
+      x, _ = jitted_inverse(flow, "cached", g, windows=windows)(params, z, y)
+      np.testing.assert_allclose(x, exact, atol=1e-5, err_msg=f"{windows} windows, guided={g is not None}")
 
 
 def test_tarflow_options_every_inverse_agrees():

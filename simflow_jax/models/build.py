@@ -95,6 +95,9 @@ def validate_config(config) -> None:
     raise ValueError("config.sample.jacobi_chunk, jacobi_threshold and jacobi_max_iters must be >= 0 "
                      f"(0 = whole sequence / exact / chunk length), got {s.jacobi_chunk}, "
                      f"{s.jacobi_threshold}, {s.jacobi_max_iters}.")
+  if not isinstance(s.kv_windows, int) or s.kv_windows < 1:
+    raise ValueError(f"config.sample.kv_windows must be an integer >= 1 (1 = one cache window over the "
+                     f"whole sequence), got {s.kv_windows!r}.")
   if s.temperature <= 0:
     raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
   for name, classes in (("train.grid_classes", t.grid_classes), ("sample.classes", s.classes)):

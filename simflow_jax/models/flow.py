@@ -245,6 +245,12 @@ class Flow(nn.Module):
   def num_blocks(self) -> int:
     return len(self.layers_per_block)
 
+  @property
+  def cache_lag(self) -> int:
+    """Decoding token t writes KV-cache slot t - cache_lag (clipped at 0): 0 with the
+    input-side shift, 1 with the output-side shift (token t reads x_{t-1} at slot t-1)."""
+    return 1 if self.shift_side == "output" else 0
+
   def block_cond(self, k: int) -> str:
     deep_only = self.cond_blocks == "deep" and k != self.num_blocks - 1
     return "none" if deep_only else self.cond

@@ -2,7 +2,8 @@
 
 Blocks run deep block first (block K-1, next to the Gaussian), each in its own token
 order (odd blocks reversed). Every block is inverted by one of
-  cached     token by token, a KV cache carried through a lax.scan (T sequential steps);
+  cached     token by token, a KV cache carried through a lax.scan (T sequential steps),
+             one scan per cache window (a token reads the finished prefix and its window);
   dense      T full causal passes, no cache (O(T^2) work: the reference);
   jacobi     fixed-point (Jacobi) iteration, chunk by chunk (STARFlow): each iteration
              decodes a whole chunk of tokens against the cache of the finished ones;
@@ -20,6 +21,7 @@ the worst example) is below `threshold`, or after `max_iters` iterations (0 = th
 of new tokens in the chunk). After j iterations the chunk's first j new tokens are exact,
 so the cap (also applied to larger max_iters) is exact decoding.
 """
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -55,7 +57,8 @@ def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guid
   """Block k's affine parameters as functions of the tokens, guided if `guide` is given:
     decode(x_in (B, S, D), pos, cache) -> (log_sigma, b (B, S, D), cache)   (Flow.block_decode)
     dense(x (B, T, D)) -> (log_sigma, b (B, T, D))                          (Flow.block_params)
-    cache(batch) -> a zeroed cache of the (doubled when guided) batch.
+    cache(batch, window) -> a zeroed cache of the (doubled when guided) batch: an empty
+                            prefix and `window` slots (layers.init_kv_cache).
   """
   if guide is not None:  # the doubled batch [conditional; null class]
     labels = jnp.concatenate([labels, jnp.full_like(labels, flow.num_classes)])
@@ -70,10 +73,10 @@ def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guid
   def dense(x):
     return combine(*apply(flow_lib.Flow.block_params, twice(x), labels), jnp.arange(x.shape[1]))
 
-  def cache(batch):
+  def cache(batch, window):
     n = batch if guide is None else 2 * batch
-    return layers.init_kv_cache(flow.layers_per_block[k], n, flow.seq_len, flow.width,
-                                flow.head_dim, flow.dtype)
+    return layers.init_kv_cache(flow.layers_per_block[k], n, window, flow.width, flow.head_dim,
+                                flow.dtype)
 
   return decode, dense, cache
 
@@ -90,29 +93,54 @@ def _chunk_lengths(t_len: int, chunk: int) -> jax.Array:
   return jnp.asarray([min(c, t_len - j * c) for j in range(n)], jnp.int32)
 
 
+def window_bounds(t_len: int, windows: int, lag: int = 0) -> list[int]:
+  """Token boundaries 0 = a_0 < a_1 < ... < a_n = T of min(windows, T) near-equal
+  KV-cache windows. Window j decodes tokens [a_j, a_{j+1}) into cache slots
+  [max(a_j - lag, 0), a_{j+1} - lag), so with lag 1 the first window holds two tokens
+  or more."""
+  assert windows >= 1, f"the sequential decoder needs at least one cache window, got {windows}"
+  n = min(int(windows), t_len)
+  bounds = sorted({round(j * t_len / n) for j in range(n + 1)})
+  if lag and len(bounds) > 2 and bounds[1] < 2:
+    bounds.pop(1)
+  return bounds
+
+
 def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
-                        max_iters=0):
-  """Token by token with the KV cache as the scan carry (updated in place)."""
+                        max_iters=0, windows=8):
+  """Token by token with the KV cache as the scan carry (updated in place): one lax.scan
+  per cache window, so a token attends to the finished prefix and its own window only."""
   del threshold, max_iters
   decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
   bsz, t_len, d = z_blk.shape
+  lag = flow.cache_lag
 
-  def step(carry, inputs):
-    x_prev, cache = carry
+  def step(prefix, carry, inputs):
+    x_prev, window = carry  # the prefix is closed over, not carried: the loop reads it only
     z_t, t = inputs
+    cache = tuple({**p, **w} for p, w in zip(prefix, window))
     log_sigma, b, cache = decode(x_prev[:, None], t, cache)  # (B, 1, D)
     x_t = z_t * jnp.exp(log_sigma[:, 0]) + b[:, 0]
-    return (x_t, cache), x_t
+    return (x_t, tuple({"k": c["k"], "v": c["v"]} for c in cache)), x_t
 
-  xs = (jnp.swapaxes(z_blk, 0, 1), jnp.arange(t_len))  # z: (T, B, D)
-  _, x = jax.lax.scan(step, (jnp.zeros((bsz, d), jnp.float32), new_cache(bsz)), xs)
-  return jnp.swapaxes(x, 0, 1), _chunk_lengths(t_len, chunk)  # (B, T, D)
+  bounds = window_bounds(t_len, windows, lag)
+  x_prev, cache, pieces = jnp.zeros((bsz, d), jnp.float32), None, []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    slots = b - lag - max(a - lag, 0)
+    cache = new_cache(bsz, slots) if cache is None else layers.next_kv_window(cache, slots)
+    prefix = tuple({"prefix_k": c["prefix_k"], "prefix_v": c["prefix_v"]} for c in cache)
+    window = tuple({"k": c["k"], "v": c["v"]} for c in cache)
+    xs = (jnp.swapaxes(z_blk[:, a:b], 0, 1), jnp.arange(a, b))  # z: (b - a, B, D)
+    (x_prev, window), x = jax.lax.scan(functools.partial(step, prefix), (x_prev, window), xs)
+    cache = tuple({**p, **w} for p, w in zip(prefix, window))
+    pieces.append(x)
+  return jnp.swapaxes(jnp.concatenate(pieces), 0, 1), _chunk_lengths(t_len, chunk)  # (B, T, D)
 
 
 def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
-                       max_iters=0):
+                       max_iters=0, windows=1):
   """The reference: T full causal passes, token t set by pass t."""
-  del threshold, max_iters
+  del threshold, max_iters, windows
   _, dense, _ = _block_fns(flow, params, k, labels, guide)
 
   def body(t, x):
@@ -124,9 +152,11 @@ def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, thre
 
 
 def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=1e-3,
-                        max_iters=0):
+                        max_iters=0, windows=1):
   """Jacobi iteration chunk by chunk; returns (x_blk, iterations per chunk (num_chunks,)).
-  `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all)."""
+  `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all).
+  The cache is one window of all T slots (the chunk loop is a lax.scan)."""
+  del windows
   decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
   bsz, t_len, _ = z_blk.shape
   c, num_chunks = _chunks(t_len, chunk)
@@ -158,7 +188,7 @@ def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
         cond, body, (x_c, cache, jnp.int32(0), jnp.float32(jnp.inf)))
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), cache), iters
 
-  (x, _), iters = jax.lax.scan(solve_chunk, (z_blk.astype(jnp.float32), new_cache(bsz)),
+  (x, _), iters = jax.lax.scan(solve_chunk, (z_blk.astype(jnp.float32), new_cache(bsz, t_len)),
                                jnp.arange(num_chunks))
   return x, iters
 
@@ -176,13 +206,16 @@ def block_method(flow: flow_lib.Flow, method: str, k: int) -> str:
 
 def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
             guides: Optional[Sequence[Optional[Guide]]] = None, *, chunk: int = 0,
-            threshold=1e-3, max_iters=0):
+            threshold=1e-3, max_iters=0, windows: int = 8):
   """z (B, T, D) standard normal -> (x (B, T, D) float32, steps (K, num_chunks) int32).
 
   guides[k] is block k's guide or None (models/guidance.py: block_guides); None = unguided.
   steps[k] counts what each chunk of block k cost: Jacobi iterations, or for a block
   decoded token by token its new tokens (the sequential steps). `chunk`, `threshold`
-  and `max_iters` act on the Jacobi blocks (see the module docstring).
+  and `max_iters` act on the Jacobi blocks (see the module docstring); `windows` (static,
+  >= 1) splits a sequentially decoded block's token loop into that many KV-cache windows
+  (invert_block_cached): more windows read less of the cache per token and compile more
+  loop bodies; the result is the same for any number.
   """
   x = flow.apply({"params": params}, z.astype(jnp.float32), method=flow_lib.Flow.from_prior)
   steps = [None] * flow.num_blocks
@@ -191,6 +224,6 @@ def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
     reverse = k % 2 == 1
     x = jnp.flip(x, 1) if reverse else x
     x, steps[k] = _INVERTERS[block_method(flow, method, k)](
-        flow, params, k, x, labels, guide, chunk, threshold, max_iters)
+        flow, params, k, x, labels, guide, chunk, threshold, max_iters, windows)
     x = jnp.flip(x, 1) if reverse else x
   return x, jnp.stack(steps)

@@ -2,14 +2,17 @@
 
 Two modes share every parameter:
   dense   (cache is None): h is the whole sequence (B, T, W); causal mask.
-  decode  (cache given):   h holds S consecutive tokens (B, S, W) at positions
+  decode  (cache given):   h holds S consecutive tokens (B, S, W) at cache slots
                            pos .. pos+S-1; their keys and values are written into the
-                           cache and they attend to the positions <= their own.
-The cache is one block's: a tuple of one {'k', 'v'} per layer, that travels as a loop
-carry (a pytree argument and result, never module state), so a token loop updates it in
-place (a separate buffer per layer: XLA writes each without a copy):
-  k: (B, H, Dh, T)   keys stored transposed: q @ k needs no transpose
-  v: (B, H, T, Dh)
+                           cache and they attend to the slots <= their own.
+The cache is one block's: a tuple of one dict per layer that travels as a loop carry (a
+pytree argument and result, never module state), split into a finished prefix and a
+window that the loop writes in place (XLA updates a carried buffer without a copy):
+  prefix_k, prefix_v: (B, H, P, Dh)   slots 0 .. P-1, all finished (read only)
+  k, v:               (B, H, L, Dh)   slots P .. P+L-1, written at pos - P
+P is static (the prefix's shape), so a query reads the P finished slots and its window,
+never the empty slots after it: a token loop split into windows (next_kv_window between
+them) costs per step the causal work rounded up to its window, not the whole sequence.
 Decode mode runs the layers unrolled (LayerStack(scan=False)); models/inverse.py
 unstacks scanned layer parameters once per block for it.
 Softmax and normalisation statistics run in float32 whatever the compute dtype.
@@ -28,13 +31,26 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def init_kv_cache(depth: int, batch: int, seq_len: int, width: int, head_dim: int,
-                  dtype: Dtype = jnp.float32) -> dict:
-  """A zeroed KV cache: `depth` times {'k': (B, H, Dh, T), 'v': (B, H, T, Dh)}."""
+def init_kv_cache(depth: int, batch: int, window: int, width: int, head_dim: int,
+                  dtype: Dtype = jnp.float32) -> tuple:
+  """A zeroed KV cache with an empty prefix and a window of `window` slots, `depth` times
+  {'prefix_k', 'prefix_v': (B, H, 0, Dh), 'k', 'v': (B, H, window, Dh)}."""
   assert width % head_dim == 0, f"width {width} must be a multiple of head_dim {head_dim}"
-  heads = width // head_dim
-  return tuple({"k": jnp.zeros((batch, heads, head_dim, seq_len), dtype),
-                "v": jnp.zeros((batch, heads, seq_len, head_dim), dtype)} for _ in range(depth))
+  shape = (batch, width // head_dim, window, head_dim)
+  empty = (batch, width // head_dim, 0, head_dim)
+  return tuple({"prefix_k": jnp.zeros(empty, dtype), "prefix_v": jnp.zeros(empty, dtype),
+                "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(depth))
+
+
+def next_kv_window(cache: tuple, window: int) -> tuple:
+  """The cache for the next window: the finished window appended to the prefix (one copy
+  per window) and a zeroed window of `window` slots after it."""
+  def advance(layer):
+    k, v = layer["k"], layer["v"]  # (B, H, L, Dh)
+    fresh = jnp.zeros((*k.shape[:2], window, k.shape[3]), k.dtype)
+    return {"prefix_k": jnp.concatenate([layer["prefix_k"], k], axis=2),
+            "prefix_v": jnp.concatenate([layer["prefix_v"], v], axis=2), "k": fresh, "v": fresh}
+  return tuple(advance(layer) for layer in cache)
 
 
 class CausalAttention(nn.Module):
@@ -51,28 +67,32 @@ class CausalAttention(nn.Module):
     s = x.shape[1]
     if cache is None:
       mask = jnp.tril(jnp.ones((s, s), bool))  # (S, S): query i sees keys j <= i
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    else:
-      # Write first, then read: the read is the buffer's last use before the next write.
-      k = jax.lax.dynamic_update_slice(
-          cache["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype), (0, 0, 0, pos))  # (B, H, Dh, T)
-      v = jax.lax.dynamic_update_slice(
-          cache["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype), (0, 0, pos, 0))  # (B, H, T, Dh)
-      cache = {"k": k, "v": v}
-      k = k.astype(q.dtype)
-      mask = jnp.arange(k.shape[-1])[None, :] <= pos + jnp.arange(s)[:, None]         # (S, T)
-      if s == 1:  # a matrix-vector product: multiply-and-reduce reads the cache once, no copy
-        logits = jnp.sum(jnp.transpose(q, (0, 2, 3, 1)) * k, axis=2)[:, :, None, :]  # (B, H, 1, T)
-      else:
-        logits = jnp.einsum("bshd,bhdt->bhst", q, k)
-    logits = jnp.where(mask[None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, S, T)
-    if cache is None:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, S, S)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    elif s == 1:
-      out = jnp.sum(weights[:, :, 0, :, None] * v.astype(self.dtype), axis=2)[:, None]  # (B, 1, H, Dh)
     else:
-      out = jnp.einsum("bhst,bhtd->bshd", weights, v.astype(self.dtype))  # (B, S, H, Dh)
+      p = cache["prefix_k"].shape[2]  # static: slots < p are finished, the window starts at p
+      # Write first, then read: the read is the buffer's last use before the next write.
+      write = lambda buf, new: jax.lax.dynamic_update_slice(
+          buf, jnp.transpose(new, (0, 2, 1, 3)).astype(buf.dtype), (0, 0, pos - p, 0))
+      kw, vw = write(cache["k"], k), write(cache["v"], v)  # (B, H, L, Dh)
+      cache = {**cache, "k": kw, "v": vw}
+      # A softmax over [prefix; window] from per-part statistics: no concatenated copy.
+      scores = lambda kk: jnp.einsum("bshd,bhld->bhsl", q, kk.astype(q.dtype)).astype(jnp.float32)
+      read = lambda e, vv: jnp.einsum("bhsl,bhld->bhsd", e.astype(self.dtype), vv.astype(self.dtype))
+      mask = p + jnp.arange(kw.shape[2])[None, :] <= pos + jnp.arange(s)[:, None]  # (S, L)
+      logits = jnp.where(mask[None, None], scores(kw), jnp.finfo(jnp.float32).min)  # (B, H, S, L)
+      top = jnp.max(logits, axis=-1, keepdims=True)
+      if p:  # every query sees the whole prefix
+        prefix_logits = scores(cache["prefix_k"])  # (B, H, S, P)
+        top = jnp.maximum(top, jnp.max(prefix_logits, axis=-1, keepdims=True))
+      e = jnp.exp(logits - top)
+      total, out = jnp.sum(e, axis=-1, keepdims=True), read(e, vw)  # (B, H, S, 1), (B, H, S, Dh)
+      if p:
+        e = jnp.exp(prefix_logits - top)
+        total, out = total + jnp.sum(e, axis=-1, keepdims=True), out + read(e, cache["prefix_v"])
+      out = jnp.transpose(out / total.astype(out.dtype), (0, 2, 1, 3))  # (B, S, H, Dh)
     out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return out, cache
 
