@@ -26,7 +26,8 @@ step's, not the input pipeline's. Configs: tiny | demo | mid (common.get_config)
 Flow-only configs (common.FLOW_CONFIGS, e.g. --configs=tarflow256, the model of
 benchmarks/sample_throughput.py): the flow's own train step, NLL in nats per dimension,
 AdamW (lr 1e-4), parameters and optimiser state donated, batch --batch (default 32),
-random tokens and labels. With --tarflow_repo=PATH (a checkout of apple/ml-tarflow) the
+random tokens and labels, layers scanned or unrolled (--flow_scan_layers). With
+--tarflow_repo=PATH (a checkout of apple/ml-tarflow) the
 same step of its PyTorch transformer_flow.Model (model.get_loss, AdamW) is timed in this
 process, alternating step by step with ours; the result then holds "tarflow" (its step
 times) and "speedup_vs_tarflow" (its median step over ours), and the load averages.
@@ -52,6 +53,8 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Mesh size (0 = all local 
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the matmul-peak matrices.")
 _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Timed matmuls.")
 _TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow (flow configs).")
+_SCAN = flags.DEFINE_bool("flow_scan_layers", True, "Flow configs: layers stacked with nn.scan "
+                          "(the library default) or unrolled (flow.scan_layers=False).")
 
 
 def random_inputs(spec, seed: int = 0):
@@ -137,6 +140,7 @@ def tarflow_stepper(name: str, batch: int):
 def bench_flow_config(name: str) -> dict:
   """The flow-only train step of a FLOW_CONFIGS model (see the module docstring)."""
   flow, _, _ = common.flow_model(name)
+  flow = flow.clone(scan_layers=_SCAN.value)
   b = _BATCH.value or 32
   tokens = jax.random.normal(jax.random.key(1), (b, flow.seq_len, flow.token_dim))
   labels = jnp.arange(b, dtype=jnp.int32) % flow.num_classes
@@ -183,6 +187,7 @@ def bench_flow_config(name: str) -> dict:
   peak = common.matmul_peak(common.devices(1), _MATMUL_SIZE.value, _MATMUL_REPS.value)
   median, median_cpu = statistics.median(times), statistics.median(cpu)
   out = {"global_batch": b, "devices": 1, "steps": len(times), "flow_only": True,
+         "scan_layers": _SCAN.value,
          "params": sum(x.size for x in jax.tree.leaves(params)),
          "trace_lower_s": t_lower, "compile_s": t_compile,
          "step_time_s_median": median, "step_time_s_mean": statistics.fmean(times),

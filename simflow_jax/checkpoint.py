@@ -120,8 +120,9 @@ class Checkpointer:
 
 
 def load_params(workdir: str, config, use_ema: bool = True) -> dict:
-  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint, on the host
-  (EMA by default). Clear errors when there is none."""
+  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint (EMA by
+  default) on this process's first device, whatever device count wrote it. Clear errors
+  when there is none."""
   path = epath.Path(workdir) / "checkpoints"
   if not path.exists():
     raise FileNotFoundError(f"No checkpoints in {path}: train first with "
@@ -133,7 +134,12 @@ def load_params(workdir: str, config, use_ema: bool = True) -> dict:
     raise FileNotFoundError(f"{path} holds no finished checkpoint.")
   ckpt._check_meta(step)
   try:
-    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # Restored onto this process's first device whatever mesh wrote it (a run trained on 8
+    # devices is evaluated or sampled on 1): a target tree of the saved shapes and dtypes.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = ckpt.manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # noqa: BLE001 - corrupt or partial: the same advice training gives
     raise ckpt.unreadable(step, e) from e
   ckpt.close()

@@ -1,9 +1,11 @@
 """The benchmark scripts run on the tiny config and print consistent, positive JSON fields."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import conftest
@@ -101,3 +103,28 @@ def test_train_throughput_script_on_a_flow_only_config():
   for key in ("params", "compile_s", "step_time_s_median", "flops_per_step", "fraction_of_matmul_peak"):
     assert r[key] > 0, key
   assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"])
+
+
+@pytest.mark.slow
+def test_selective_quality_script_on_a_trained_checkpoint(tiny_trained, tmp_path):
+  """Jacobi at threshold 0 is exact decoding: the selective entry reproduces the cached
+  tokens, iteration counts and digit metrics; every entry is timed and scored."""
+  workdir = tmp_path / "run"  # a copy: the script trains the digit classifier into WORKDIR/eval
+  shutil.copytree(tiny_trained, workdir)
+  out = _run_script("selective_quality.py", f"--workdir={workdir}", "--config=configs/tiny.py",
+                    "--methods=selective:0,cached,selective:0.5", "--seeds=0,1", "--num_samples=12",
+                    "--num_real=16")
+  _check_machine(out["machine"])
+  assert out["checkpoint_step"] == 4 and out["config"]["kv_windows"] == 8
+  r = out["results"]
+  assert list(r) == ["cached", "selective:0", "selective:0.5"]  # the reference runs first
+  cached, exact, loose = r["cached"], r["selective:0"], r["selective:0.5"]
+  assert cached["max_token_diff"] == 0 and cached["speedup_vs_cached"] == 1
+  assert exact["max_token_diff"] < 1e-4 and exact["mean_steps"] == cached["mean_steps"]
+  assert exact["digit_class_accuracy_values"] == cached["digit_class_accuracy_values"]
+  np.testing.assert_allclose(exact["digit_fd_values"], cached["digit_fd_values"], rtol=1e-3)
+  assert loose["mean_steps"] < cached["mean_steps"]  # a loose threshold stops chunks early
+  for entry in r.values():
+    assert len(entry["seconds_per_seed"]) == 2 and entry["seconds"] > 0 and entry["compile_s"] > 0
+    assert entry["digit_fd"] == pytest.approx(np.mean(entry["digit_fd_values"]))
+    assert 0 <= entry["digit_class_accuracy"] <= 1

@@ -110,6 +110,28 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tiny_trained):
   assert checkpoint.Checkpointer(workdir, tiny.get_config()).latest_step() == 4
 
 
+def test_params_of_an_eight_device_run_load_on_one_device(tiny_trained, tmp_path):
+  """A run trained on 8 devices (the session's tiny run) is sampled or evaluated on 1: the
+  parameters load in a one-device process, equal to the ones loaded here."""
+  import subprocess
+  import sys
+  assert len(jax.devices()) == 8
+  expected = checkpoint.load_params(tiny_trained, tiny.get_config())
+  out = tmp_path / "params.npz"
+  code = ("import sys, jax, numpy as np; from configs import tiny; from simflow_jax import checkpoint; "
+          "assert len(jax.devices()) == 1; p = checkpoint.load_params(sys.argv[1], tiny.get_config()); "
+          "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(p)])")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-c", code, tiny_trained, str(out)], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(out) as loaded:
+    got = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
+  for a, b in zip(jax.tree.leaves(expected), got, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   config = tiny.get_config()
   with config.unlocked():
