@@ -202,6 +202,25 @@ def test_cached_inverse_is_the_same_for_any_number_of_cache_windows(shift_side):
       np.testing.assert_allclose(x, exact, atol=1e-5, err_msg=f"{windows} windows, guided={g is not None}")
 
 
+def test_sampler_holds_one_block_cache_at_a_time():
+  """XLA's buffers for the whole four-block inverse are about those of one block: each
+  block's KV cache reuses the memory of the one before (without the ordering every cache
+  was allocated up front: 4x). Shapes only: nothing runs."""
+  def temp_mb(blocks, method):
+    flow = F.Flow(seq_len=64, token_dim=4, width=64, layers_per_block=(2,) * blocks, head_dim=16,
+                  cond="add", num_classes=NCLS)
+    params = jax.eval_shape(flow.init, jax.random.key(0), jnp.zeros((1, 64, 4)), jnp.zeros((1,), jnp.int32))
+    fn = jax.jit(lambda p, z, y: I.inverse(flow, p, z, y, method, chunk=16)[0])
+    compiled = fn.lower(params["params"], jax.ShapeDtypeStruct((256, 64, 4), jnp.float32),
+                        jax.ShapeDtypeStruct((256,), jnp.int32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  cache_mb = 2 * 2 * 256 * 64 * 64 * 4 / 2 ** 20  # one block: 2 layers x (k, v), 16 MiB
+  for method in ("cached", "jacobi"):
+    one, four = temp_mb(1, method), temp_mb(4, method)
+    assert cache_mb <= one < 3 * cache_mb, (method, one)
+    assert four < one + 0.5 * cache_mb, (method, one, four)
+
+
 def test_tarflow_options_every_inverse_agrees():
   """TarFlow's options (output-side shift, no final LayerNorm, exact GELU, LayerNorm eps
   1e-5, mean null class, learned prior std; docs/flow.md): the inverters stay exact,

@@ -32,22 +32,23 @@ def modulate(x, shift, scale):
 
 
 def init_kv_cache(depth: int, batch: int, window: int, width: int, head_dim: int,
-                  dtype: Dtype = jnp.float32) -> tuple:
-  """A zeroed KV cache with an empty prefix and a window of `window` slots, `depth` times
-  {'prefix_k', 'prefix_v': (B, H, 0, Dh), 'k', 'v': (B, H, window, Dh)}."""
+                  dtype: Dtype = jnp.float32, fill=0.0) -> tuple:
+  """A KV cache with an empty prefix and a window of `window` slots, `depth` times
+  {'prefix_k', 'prefix_v': (B, H, 0, Dh), 'k', 'v': (B, H, window, Dh)}, filled with
+  `fill` (a zero; a traced one orders the allocation after what it is computed from)."""
   assert width % head_dim == 0, f"width {width} must be a multiple of head_dim {head_dim}"
   shape = (batch, width // head_dim, window, head_dim)
   empty = (batch, width // head_dim, 0, head_dim)
   return tuple({"prefix_k": jnp.zeros(empty, dtype), "prefix_v": jnp.zeros(empty, dtype),
-                "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(depth))
+                "k": jnp.full(shape, fill, dtype), "v": jnp.full(shape, fill, dtype)} for _ in range(depth))
 
 
-def next_kv_window(cache: tuple, window: int) -> tuple:
+def next_kv_window(cache: tuple, window: int, fill=0.0) -> tuple:
   """The cache for the next window: the finished window appended to the prefix (one copy
-  per window) and a zeroed window of `window` slots after it."""
+  per window) and a window of `window` slots after it, filled with `fill` (as above)."""
   def advance(layer):
     k, v = layer["k"], layer["v"]  # (B, H, L, Dh)
-    fresh = jnp.zeros((*k.shape[:2], window, k.shape[3]), k.dtype)
+    fresh = jnp.full((*k.shape[:2], window, k.shape[3]), fill, k.dtype)
     return {"prefix_k": jnp.concatenate([layer["prefix_k"], k], axis=2),
             "prefix_v": jnp.concatenate([layer["prefix_v"], v], axis=2), "k": fresh, "v": fresh}
   return tuple(advance(layer) for layer in cache)
