@@ -57,9 +57,10 @@ def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guid
   """Block k's affine parameters as functions of the tokens, guided if `guide` is given:
     decode(x_in (B, S, D), pos, cache) -> (log_sigma, b (B, S, D), cache)   (Flow.block_decode)
     dense(x (B, T, D)) -> (log_sigma, b (B, T, D))                          (Flow.block_params)
-    cache(batch, window, fill) -> a cache of the (doubled when guided) batch filled with
-                            `fill` (zero): an empty prefix and `window` slots
-                            (layers.init_kv_cache).
+    cache(x, window) -> a zeroed cache for the (doubled when guided) batch of x (B, ...):
+                        an empty prefix and `window` slots (layers.init_kv_cache)
+    next_window(cache, x, window) -> the cache for the next window (layers.next_kv_window)
+  Both fill the fresh slots with zeros computed from x, example by example (_zeros_after).
   """
   if guide is not None:  # the doubled batch [conditional; null class]
     labels = jnp.concatenate([labels, jnp.full_like(labels, flow.num_classes)])
@@ -74,12 +75,15 @@ def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guid
   def dense(x):
     return combine(*apply(flow_lib.Flow.block_params, twice(x), labels), jnp.arange(x.shape[1]))
 
-  def cache(batch, window, fill=0.0):
-    n = batch if guide is None else 2 * batch
-    return layers.init_kv_cache(flow.layers_per_block[k], n, window, flow.width, flow.head_dim,
-                                flow.dtype, fill)
+  def cache(x, window):
+    fill = twice(_zeros_after(x))  # (B,) or (2B,)
+    return layers.init_kv_cache(flow.layers_per_block[k], fill.shape[0], window, flow.width,
+                                flow.head_dim, flow.dtype, fill)
 
-  return decode, dense, cache
+  def next_window(kv, x, window):
+    return layers.next_kv_window(kv, window, twice(_zeros_after(x)))
+
+  return decode, dense, cache, next_window
 
 
 def _chunks(t_len: int, chunk: int) -> tuple[int, int]:
@@ -94,13 +98,14 @@ def _chunk_lengths(t_len: int, chunk: int) -> jax.Array:
   return jnp.asarray([min(c, t_len - j * c) for j in range(n)], jnp.int32)
 
 
-def _zero_after(x: jax.Array) -> jax.Array:
-  """A float32 zero computed from x. A cache filled with it cannot be allocated before x
-  exists, so XLA reuses the memory freed by then (the previous block's cache, the
-  previous window) instead of allocating every block's cache up front (4x the memory at
-  four blocks)."""
-  v = x.reshape(-1)[0]
-  return jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) * 0.0
+def _zeros_after(x: jax.Array) -> jax.Array:
+  """x (B, ...) -> (B,) float32 zeros computed from each example's first value. A cache
+  filled with them cannot be allocated before x exists, so XLA reuses the memory freed by
+  then (the previous block's cache, the previous window) instead of allocating every
+  block's cache up front (4x the memory at four blocks); per example, so a batch-sharded
+  sampler needs nothing from other devices."""
+  v = x.reshape(x.shape[0], -1)[:, 0].astype(jnp.float32)
+  return jnp.where(jnp.isfinite(v), v, 0.0) * 0.0
 
 
 def window_bounds(t_len: int, windows: int, lag: int = 0) -> list[int]:
@@ -121,7 +126,7 @@ def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
   """Token by token with the KV cache as the scan carry (updated in place): one lax.scan
   per cache window, so a token attends to the finished prefix and its own window only."""
   del threshold, max_iters
-  decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  decode, _, new_cache, next_window = _block_fns(*unroll_layers(flow, params), k, labels, guide)
   bsz, t_len, d = z_blk.shape
   lag = flow.cache_lag
 
@@ -137,8 +142,7 @@ def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
   x_prev, cache, pieces = jnp.zeros((bsz, d), jnp.float32), None, []
   for a, b in zip(bounds[:-1], bounds[1:]):
     slots = b - lag - max(a - lag, 0)
-    fill = _zero_after(z_blk if cache is None else x_prev)
-    cache = new_cache(bsz, slots, fill) if cache is None else layers.next_kv_window(cache, slots, fill)
+    cache = new_cache(z_blk, slots) if cache is None else next_window(cache, x_prev, slots)
     prefix = tuple({"prefix_k": c["prefix_k"], "prefix_v": c["prefix_v"]} for c in cache)
     window = tuple({"k": c["k"], "v": c["v"]} for c in cache)
     xs = (jnp.swapaxes(z_blk[:, a:b], 0, 1), jnp.arange(a, b))  # z: (b - a, B, D)
@@ -152,7 +156,7 @@ def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, thre
                        max_iters=0, windows=1):
   """The reference: T full causal passes, token t set by pass t."""
   del threshold, max_iters, windows
-  _, dense, _ = _block_fns(flow, params, k, labels, guide)
+  _, dense, _, _ = _block_fns(flow, params, k, labels, guide)
 
   def body(t, x):
     log_sigma, b = dense(x)
@@ -168,8 +172,8 @@ def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
   `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all).
   The cache is one window of all T slots (the chunk loop is a lax.scan)."""
   del windows
-  decode, _, new_cache = _block_fns(*unroll_layers(flow, params), k, labels, guide)
-  bsz, t_len, _ = z_blk.shape
+  decode, _, new_cache, _ = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  t_len = z_blk.shape[1]
   c, num_chunks = _chunks(t_len, chunk)
   max_iters = jnp.asarray(max_iters, jnp.int32)
 
@@ -199,8 +203,7 @@ def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
         cond, body, (x_c, cache, jnp.int32(0), jnp.float32(jnp.inf)))
     return (jax.lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), cache), iters
 
-  (x, _), iters = jax.lax.scan(solve_chunk, (z_blk.astype(jnp.float32),
-                                              new_cache(bsz, t_len, _zero_after(z_blk))),
+  (x, _), iters = jax.lax.scan(solve_chunk, (z_blk.astype(jnp.float32), new_cache(z_blk, t_len)),
                                jnp.arange(num_chunks))
   return x, iters
 

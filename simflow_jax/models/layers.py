@@ -31,16 +31,23 @@ def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def _filled(shape, fill, dtype):
+  """An array of `shape` (B, ...) holding `fill`: a scalar or one value per example (B,)."""
+  fill = jnp.asarray(fill, dtype)
+  return jnp.broadcast_to(fill.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+
+
 def init_kv_cache(depth: int, batch: int, window: int, width: int, head_dim: int,
                   dtype: Dtype = jnp.float32, fill=0.0) -> tuple:
   """A KV cache with an empty prefix and a window of `window` slots, `depth` times
   {'prefix_k', 'prefix_v': (B, H, 0, Dh), 'k', 'v': (B, H, window, Dh)}, filled with
-  `fill` (a zero; a traced one orders the allocation after what it is computed from)."""
+  `fill`: zero, or per example (B,) zeros computed from the data, which orders the
+  allocation after that data exists (models/inverse.py)."""
   assert width % head_dim == 0, f"width {width} must be a multiple of head_dim {head_dim}"
   shape = (batch, width // head_dim, window, head_dim)
   empty = (batch, width // head_dim, 0, head_dim)
   return tuple({"prefix_k": jnp.zeros(empty, dtype), "prefix_v": jnp.zeros(empty, dtype),
-                "k": jnp.full(shape, fill, dtype), "v": jnp.full(shape, fill, dtype)} for _ in range(depth))
+                "k": _filled(shape, fill, dtype), "v": _filled(shape, fill, dtype)} for _ in range(depth))
 
 
 def next_kv_window(cache: tuple, window: int, fill=0.0) -> tuple:
@@ -48,7 +55,7 @@ def next_kv_window(cache: tuple, window: int, fill=0.0) -> tuple:
   per window) and a window of `window` slots after it, filled with `fill` (as above)."""
   def advance(layer):
     k, v = layer["k"], layer["v"]  # (B, H, L, Dh)
-    fresh = jnp.full((*k.shape[:2], window, k.shape[3]), fill, k.dtype)
+    fresh = _filled((*k.shape[:2], window, k.shape[3]), fill, k.dtype)
     return {"prefix_k": jnp.concatenate([layer["prefix_k"], k], axis=2),
             "prefix_v": jnp.concatenate([layer["prefix_v"], v], axis=2), "k": fresh, "v": fresh}
   return tuple(advance(layer) for layer in cache)
