@@ -26,7 +26,8 @@ step's, not the input pipeline's. Configs: tiny | demo | mid (common.get_config)
 Flow-only configs (common.FLOW_CONFIGS, e.g. --configs=tarflow256, the model of
 benchmarks/sample_throughput.py): the flow's own train step, NLL in nats per dimension,
 AdamW (lr 1e-4), parameters and optimiser state donated, batch --batch (default 32),
-random tokens and labels, layers scanned or unrolled (--flow_scan_layers). With
+random tokens and labels, layers scanned (--flow_scan_unroll layers per scan
+iteration) or unrolled (--flow_scan_layers=false). With
 --tarflow_repo=PATH (a checkout of apple/ml-tarflow) the
 same step of its PyTorch transformer_flow.Model (model.get_loss, AdamW) is timed in this
 process, alternating step by step with ours; the result then holds "tarflow" (its step
@@ -55,6 +56,8 @@ _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Timed matmuls.")
 _TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow (flow configs).")
 _SCAN = flags.DEFINE_bool("flow_scan_layers", True, "Flow configs: layers stacked with nn.scan "
                           "(the library default) or unrolled (flow.scan_layers=False).")
+_UNROLL = flags.DEFINE_integer("flow_scan_unroll", 1, "Flow configs: layers per scan iteration "
+                               "(flow.scan_unroll; 2 unrolls their two-layer blocks).")
 
 
 def random_inputs(spec, seed: int = 0):
@@ -140,7 +143,7 @@ def tarflow_stepper(name: str, batch: int):
 def bench_flow_config(name: str) -> dict:
   """The flow-only train step of a FLOW_CONFIGS model (see the module docstring)."""
   flow, _, _ = common.flow_model(name)
-  flow = flow.clone(scan_layers=_SCAN.value)
+  flow = flow.clone(scan_layers=_SCAN.value, scan_unroll=_UNROLL.value)
   b = _BATCH.value or 32
   tokens = jax.random.normal(jax.random.key(1), (b, flow.seq_len, flow.token_dim))
   labels = jnp.arange(b, dtype=jnp.int32) % flow.num_classes
@@ -187,7 +190,7 @@ def bench_flow_config(name: str) -> dict:
   peak = common.matmul_peak(common.devices(1), _MATMUL_SIZE.value, _MATMUL_REPS.value)
   median, median_cpu = statistics.median(times), statistics.median(cpu)
   out = {"global_batch": b, "devices": 1, "steps": len(times), "flow_only": True,
-         "scan_layers": _SCAN.value,
+         "scan_layers": _SCAN.value, "scan_unroll": _UNROLL.value,
          "params": sum(x.size for x in jax.tree.leaves(params)),
          "trace_lower_s": t_lower, "compile_s": t_compile,
          "step_time_s_median": median, "step_time_s_mean": statistics.fmean(times),

@@ -34,6 +34,10 @@ _FLOW_ADDED = {"shift_side": "input", "final_norm": True, "ln_eps": 1e-6, "gelu"
                "null_class": "learned", "prior_std": False}
 
 
+# Flow settings that change neither the parameters nor the results, only the speed.
+_FLOW_SPEED = ("scan_unroll",)
+
+
 def fingerprint(config) -> dict:
   out = {}
   for key in _SHAPING:
@@ -41,7 +45,8 @@ def fingerprint(config) -> dict:
     for part in key.split("."):
       node = node[part]
     out[key] = node.to_dict() if hasattr(node, "to_dict") else node
-  out["flow"] = {k: v for k, v in out["flow"].items() if not (k in _FLOW_ADDED and v == _FLOW_ADDED[k])}
+  out["flow"] = {k: v for k, v in out["flow"].items()
+                 if k not in _FLOW_SPEED and not (k in _FLOW_ADDED and v == _FLOW_ADDED[k])}
   return json.loads(json.dumps(out, default=list, sort_keys=True))
 
 

@@ -176,6 +176,24 @@ def test_scanned_layers_equal_unrolled_reference():
   jax.tree.map(np.testing.assert_array_equal, params_view, params_u)
 
 
+def test_scan_unroll_keeps_parameters_and_results():
+  """flow.scan_unroll changes how the layers are looped over, nothing else: the same
+  parameter tree (and init), the same NLL and the same gradients."""
+  base = make_flow(scan=True, layers=(3, 2))
+  params = perturbed_params(base)
+  x, y = data()
+  nll = lambda flow: jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(0.5 * jnp.sum(forward(flow, p, x, y)[0] ** 2, axis=(1, 2)) - forward(flow, p, x, y)[1])))
+  loss, grads = nll(base)(params)
+  for unroll in (2, 3, 8):
+    flow = base.clone(scan_unroll=unroll)
+    init = jax.jit(flow.init)(jax.random.key(0), x, y)["params"]
+    jax.tree.map(np.testing.assert_array_equal, init, jax.jit(base.init)(jax.random.key(0), x, y)["params"])
+    loss_u, grads_u = nll(flow)(params)
+    np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_u, grads)
+
+
 def test_cached_inverse_equals_dense_with_guidance_callable():
   flow = make_flow("adaln", layers=(2, 1))
   params = perturbed_params(flow)
@@ -285,6 +303,13 @@ def test_flow_options_validated_once_and_old_fingerprints_kept():
   config.flow.update(TARFLOW)
   build.validate_config(config)
   assert checkpoint.fingerprint(config)["flow"]["gelu"] == "exact"
+  # flow.scan_unroll is speed only: any value resumes the same checkpoints; 0 is an error.
+  unrolled = base.get_base_config()
+  unrolled.flow.scan_unroll = 4
+  assert checkpoint.fingerprint(unrolled) == checkpoint.fingerprint(base.get_base_config())
+  unrolled.flow.scan_unroll = 0
+  with pytest.raises(ValueError, match="flow.scan_unroll"):
+    build.validate_config(unrolled)
 
 
 def test_mean_null_class_is_the_mean_embedding():

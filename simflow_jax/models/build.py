@@ -60,6 +60,9 @@ def validate_config(config) -> None:
                      f"times flow.patch_size={f.patch_size}.")
   if d.num_classes < 1:
     raise ValueError(f"config.data.num_classes must be >= 1, got {d.num_classes}.")
+  if not isinstance(f.scan_unroll, int) or f.scan_unroll < 1:
+    raise ValueError(f"config.flow.scan_unroll must be an integer >= 1 (layers per scan iteration), "
+                     f"got {f.scan_unroll!r}.")
   if not 0.0 <= l.label_dropout <= 1.0:
     raise ValueError(f"config.loss.label_dropout must be in [0, 1], got {l.label_dropout}.")
   for name in ("w_l1", "w_lpips", "w_kl", "w_gan", "w_nf"):

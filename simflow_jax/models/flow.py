@@ -82,6 +82,7 @@ class FlowBlock(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = True
   remat: bool = False
+  scan_unroll: int = 1
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, name="proj_in")
@@ -95,6 +96,7 @@ class FlowBlock(nn.Module):
     self.stack = layers.LayerStack(self.depth, self.width, self.head_dim, self.mlp_ratio,
                                    adaln=self.cond == "adaln", dtype=self.dtype,
                                    scan=self.scan_layers, remat=self.remat, ln_eps=self.ln_eps,
+                                   scan_unroll=self.scan_unroll,
                                    approximate_gelu=self.gelu == "tanh", name="transformer")
     if self.final_norm:
       self.norm_out = nn.LayerNorm(epsilon=self.ln_eps, use_scale=self.cond != "adaln",
@@ -228,6 +230,7 @@ class Flow(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = True
   remat: bool = False
+  scan_unroll: int = 1        # layers per nn.scan iteration (same parameters and results)
 
   @classmethod
   def from_config(cls, cfg, latent_hw: Sequence[int], latent_channels: int, num_classes: int) -> "Flow":
@@ -239,7 +242,8 @@ class Flow(nn.Module):
                token0=cfg.token0, scale=cfg.scale, soft_clip=cfg.soft_clip,
                shift_side=cfg.shift_side, final_norm=bool(cfg.final_norm), ln_eps=float(cfg.ln_eps),
                gelu=cfg.gelu, null_class=cfg.null_class, prior_std=bool(cfg.prior_std),
-               dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat)
+               dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers, remat=cfg.remat,
+               scan_unroll=int(cfg.scan_unroll))
 
   @property
   def num_blocks(self) -> int:
@@ -262,7 +266,8 @@ class Flow(nn.Module):
                   num_classes=self.num_classes, token0=self.token0, scale=self.scale,
                   soft_clip=self.soft_clip, shift_side=self.shift_side, final_norm=self.final_norm,
                   ln_eps=self.ln_eps, gelu=self.gelu, null_class=self.null_class,
-                  dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat, name=f"block_{k}")
+                  dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                  scan_unroll=self.scan_unroll, name=f"block_{k}")
         for k, depth in enumerate(self.layers_per_block)]
     if self.prior_std:  # z <- z exp(-prior_log_std) after the last block: the prior is N(0, std^2)
       self.prior_log_std = self.param("prior_log_std", nn.initializers.zeros,

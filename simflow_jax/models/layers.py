@@ -168,6 +168,7 @@ class LayerStack(nn.Module):
   remat: bool = False
   ln_eps: float = 1e-6
   approximate_gelu: bool = True
+  scan_unroll: int = 1  # layers per scan iteration (lax.scan's unroll): same params and maths
 
   @nn.compact
   def __call__(self, h, cond, cache=None, pos=None, capture_at: Optional[int] = None):
@@ -186,7 +187,7 @@ class LayerStack(nn.Module):
     if self.scan:
       assert cache is None, "decode mode runs the layers unrolled: use LayerStack(scan=False)"
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      length=self.depth)(**kw, name="layers")
+                      length=self.depth, unroll=min(self.scan_unroll, self.depth))(**kw, name="layers")
       carry, _ = stack(carry, None)
     else:
       new_cache = []
