@@ -6,7 +6,8 @@ the guidance rules are models/inverse.py and models/guidance.py, and the
 
 `sample_cfg` is `config.sample` (configs/base.py): temperature, guidance and its rule,
 schedule and blocks, and the inverse (cached | jacobi | selective) with its Jacobi chunk,
-threshold and iteration cap and the sequential decoder's KV-cache windows. Tokens are (B, T, D), images (B, H, W, C) in [-1, 1].
+threshold and iteration cap, and the sequential decoder's KV-cache windows. Tokens are
+(B, T, D), images (B, H, W, C) in [-1, 1].
 """
 import copy
 import functools

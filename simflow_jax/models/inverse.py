@@ -21,7 +21,6 @@ the worst example) is below `threshold`, or after `max_iters` iterations (0 = th
 of new tokens in the chunk). After j iterations the chunk's first j new tokens are exact,
 so the cap (also applied to larger max_iters) is exact decoding.
 """
-import functools
 from typing import Optional, Sequence
 
 import jax
@@ -130,24 +129,20 @@ def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
   bsz, t_len, d = z_blk.shape
   lag = flow.cache_lag
 
-  def step(prefix, carry, inputs):
-    x_prev, window = carry  # the prefix is closed over, not carried: the loop reads it only
+  def step(carry, inputs):
+    x_prev, cache = carry
     z_t, t = inputs
-    cache = tuple({**p, **w} for p, w in zip(prefix, window))
     log_sigma, b, cache = decode(x_prev[:, None], t, cache)  # (B, 1, D)
     x_t = z_t * jnp.exp(log_sigma[:, 0]) + b[:, 0]
-    return (x_t, tuple({"k": c["k"], "v": c["v"]} for c in cache)), x_t
+    return (x_t, cache), x_t
 
   bounds = window_bounds(t_len, windows, lag)
   x_prev, cache, pieces = jnp.zeros((bsz, d), jnp.float32), None, []
   for a, b in zip(bounds[:-1], bounds[1:]):
     slots = b - lag - max(a - lag, 0)
     cache = new_cache(z_blk, slots) if cache is None else next_window(cache, x_prev, slots)
-    prefix = tuple({"prefix_k": c["prefix_k"], "prefix_v": c["prefix_v"]} for c in cache)
-    window = tuple({"k": c["k"], "v": c["v"]} for c in cache)
     xs = (jnp.swapaxes(z_blk[:, a:b], 0, 1), jnp.arange(a, b))  # z: (b - a, B, D)
-    (x_prev, window), x = jax.lax.scan(functools.partial(step, prefix), (x_prev, window), xs)
-    cache = tuple({**p, **w} for p, w in zip(prefix, window))
+    (x_prev, cache), x = jax.lax.scan(step, (x_prev, cache), xs)
     pieces.append(x)
   return jnp.swapaxes(jnp.concatenate(pieces), 0, 1), _chunk_lengths(t_len, chunk)  # (B, T, D)
 
