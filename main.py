@@ -19,8 +19,12 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # before JAX loads: glibc reads its tunables only at start-up
+  from simflow_jax import host_memory
+  host_memory.reexec_keeping_memory()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -162,6 +166,8 @@ def main(argv):
       sharding.maybe_initialize_distributed()
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+  if "GLIBC_TUNABLES" in os.environ:  # simflow_jax/host_memory.py
+    logging.info("GLIBC_TUNABLES=%s", os.environ["GLIBC_TUNABLES"])
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Mode %s, workdir %s", _MODE.value, workdir)
   module, fn = MODES[_MODE.value]

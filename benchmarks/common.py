@@ -23,6 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(1, ROOT)
 
+if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "") or ".")) == \
+    os.path.dirname(os.path.abspath(__file__)):  # a benchmark script, before JAX loads
+  from simflow_jax import host_memory  # noqa: E402
+  host_memory.reexec_keeping_memory()  # malloc keeps freed memory, as main.py (simflow_jax/host_memory.py)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

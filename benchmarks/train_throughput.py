@@ -29,12 +29,15 @@ AdamW (lr 1e-4), parameters and optimiser state donated, batch --batch (default 
 random tokens and labels, layers scanned (--flow_scan_unroll layers per scan
 iteration) or unrolled (--flow_scan_layers=false). With
 --tarflow_repo=PATH (a checkout of apple/ml-tarflow) the
-same step of its PyTorch transformer_flow.Model (model.get_loss, AdamW) is timed in this
-process, alternating step by step with ours; the result then holds "tarflow" (its step
+same step of its PyTorch transformer_flow.Model (model.get_loss, AdamW) is timed in a
+worker process (benchmarks/train_worker.py), alternating step by step with ours; the result then holds "tarflow" (its step
 times) and "speedup_vs_tarflow" (its median step over ours), and the load averages.
 """
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -121,23 +124,27 @@ def flow_nll_per_dim(flow, params, tokens, labels):
   return jnp.mean(0.5 * jnp.sum(z ** 2, axis=(1, 2)) - logdet) / (flow.seq_len * flow.token_dim)
 
 
-def tarflow_stepper(name: str, batch: int):
-  """One AdamW step of ml-tarflow's Model on random inputs, as a callable."""
-  import torch  # noqa: PLC0415
-  model = common.tarflow_model(_TARFLOW.value, name).train()
-  side = common.FLOW_CONFIGS[name]
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  x, y = torch.randn(batch, 16, side, side), torch.arange(batch) % 10
+class TarflowWorker:
+  """benchmarks/train_worker.py in a subprocess: ml-tarflow's train step, N steps per request."""
 
-  def step():
-    z, _, logdets = model(x, y)
-    loss = model.get_loss(z, logdets)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item()
+  def __init__(self, name: str, batch: int):
+    here = os.path.dirname(os.path.abspath(__file__))
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(here, "train_worker.py"), f"--tarflow_repo={_TARFLOW.value}",
+         f"--config={name}", f"--batch={batch}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(self.proc.stdout.readline())["ready"]
 
-  return step
+  def __call__(self, steps: int) -> list:
+    self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError("the ml-tarflow train worker died (see its stderr above)")
+    return json.loads(line)["seconds"]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
 def bench_flow_config(name: str) -> dict:
@@ -172,21 +179,20 @@ def bench_flow_config(name: str) -> dict:
     state[0], state[1], loss = step(state[0], state[1], tokens, labels)
     return loss
 
-  torch_step = tarflow_stepper(name, b) if _TARFLOW.value else None
+  torch_worker = TarflowWorker(name, b) if _TARFLOW.value else None
   load_before = os.getloadavg()
   common.timed(one_step, _WARMUP.value)
-  if torch_step is not None:
-    for _ in range(_WARMUP.value):
-      torch_step()
+  if torch_worker is not None and _WARMUP.value:
+    torch_worker(_WARMUP.value)
   times, cpu, torch_times = [], [], []
   for _ in range(_STEPS.value):  # alternating, so both see the same machine load
     wall, c = common.timed(one_step, 1)
     times += wall
     cpu += c
-    if torch_step is not None:
-      t0 = time.perf_counter()
-      torch_step()
-      torch_times.append(time.perf_counter() - t0)
+    if torch_worker is not None:
+      torch_times += torch_worker(1)
+  if torch_worker is not None:
+    torch_worker.close()
   peak = common.matmul_peak(common.devices(1), _MATMUL_SIZE.value, _MATMUL_REPS.value)
   median, median_cpu = statistics.median(times), statistics.median(cpu)
   out = {"global_batch": b, "devices": 1, "steps": len(times), "flow_only": True,

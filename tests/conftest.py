@@ -11,15 +11,22 @@ speed (the tests compile far more than they run, and compiling dominates their t
                                        and inherited by the xdist workers and every subprocess,
                                        so a program compiled by one test (the tiny train step,
                                        the sampler) is loaded, not recompiled, by the next.
+  GLIBC_TUNABLES                       glibc malloc keeps the memory it frees, as main.py sets up
+                                       (simflow_jax/host_memory.py): the xdist workers and the
+                                       main.py subprocesses start with it, so none re-executes.
 Either is left alone when the variable is already set in the environment.
 """
 import os
 import shutil
 import tempfile
 
+from simflow_jax import host_memory
+
 SPEED_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + SPEED_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.update({k: v for k, v in (host_memory.keep_memory_environ(os.environ) or {}).items()
+                   if k == "GLIBC_TUNABLES"})
 _MADE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (workers inherit its value)
   _MADE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="simflow_jax_test_xla_")

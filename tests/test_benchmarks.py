@@ -128,3 +128,37 @@ def test_selective_quality_script_on_a_trained_checkpoint(tiny_trained, tmp_path
     assert len(entry["seconds_per_seed"]) == 2 and entry["seconds"] > 0 and entry["compile_s"] > 0
     assert entry["digit_fd"] == pytest.approx(np.mean(entry["digit_fd_values"]))
     assert 0 <= entry["digit_class_accuracy"] <= 1
+
+
+FAKE_TARFLOW = '''
+"""A stand-in for ml-tarflow's transformer_flow.py with its constructor and step interface."""
+import torch
+
+
+class Model(torch.nn.Module):
+  def __init__(self, in_channels, img_size, patch_size, channels, num_blocks, layers_per_block, num_classes):
+    super().__init__()
+    self.scale = torch.nn.Parameter(torch.zeros(in_channels))
+
+  def forward(self, x, y):
+    z = x * torch.exp(self.scale)[None, :, None, None]
+    return z, None, self.scale.sum().expand(x.shape[0]) * x.shape[2] * x.shape[3]
+
+  def get_loss(self, z, logdets):
+    return 0.5 * z.pow(2).mean() - logdets.mean() / z[0].numel()
+'''
+
+
+@pytest.mark.slow
+def test_train_throughput_times_the_reference_in_a_worker_process(tmp_path):
+  """--tarflow_repo: the reference's steps come from benchmarks/train_worker.py, one per step
+  of ours (warm-up excluded), and the ratio is their medians'."""
+  pytest.importorskip("torch")
+  (tmp_path / "transformer_flow.py").write_text(FAKE_TARFLOW)
+  out = _run_script("train_throughput.py", "--configs=tarflow64", "--steps=3", "--warmup=1", "--batch=2",
+                    "--matmul_size=128", "--matmul_reps=3", f"--tarflow_repo={tmp_path}")
+  r = out["results"]["tarflow64"]
+  times = r["tarflow"]["step_times_s"]
+  assert len(times) == 3 and all(t > 0 for t in times)
+  assert r["tarflow"]["step_time_s_median"] == pytest.approx(sorted(times)[1])
+  assert r["speedup_vs_tarflow"] == pytest.approx(r["tarflow"]["step_time_s_median"] / r["step_time_s_median"])

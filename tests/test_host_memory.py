@@ -1,0 +1,90 @@
+"""simflow_jax/host_memory.py: when main.py re-executes itself with glibc's malloc tunables,
+that it does so once with the same arguments, and that freed memory is then reused without
+page faults (XLA:CPU's per-call temporary buffer)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from simflow_jax import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINUX = {"system": "linux", "glibc": (2, 36)}
+
+
+def test_environ_gains_the_tunables_only_where_the_user_set_none():
+  env = host_memory.keep_memory_environ({"A": "1"}, **LINUX)
+  assert env == {"A": "1", "GLIBC_TUNABLES": host_memory.TUNABLES}
+  kept = host_memory.keep_memory_environ({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, **LINUX)
+  assert kept["GLIBC_TUNABLES"] == "glibc.rtld.nns=2:" + host_memory.TUNABLES
+  for environ, overrides in [
+      ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"}, {}),  # the user's malloc: left alone
+      ({"GLIBC_TUNABLES": host_memory.TUNABLES}, {}),        # already re-executed
+      ({}, {"glibc": (2, 25)}),                              # no such tunables yet
+      ({}, {"glibc": ()}),                                   # musl, or unknown
+      ({}, {"system": "darwin"}),
+  ]:
+    assert host_memory.keep_memory_environ(environ, **{**LINUX, **overrides}) is None, (environ, overrides)
+
+
+def _clean_env():
+  env = dict(os.environ)
+  env.pop("GLIBC_TUNABLES", None)
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+needs_glibc = pytest.mark.skipif(host_memory.keep_memory_environ({}) is None,
+                                 reason="needs Linux with glibc >= 2.26")
+
+
+@needs_glibc
+def test_reexec_happens_once_with_the_same_arguments():
+  script = textwrap.dedent("""
+      import os, sys
+      print("start", os.getpid(), flush=True)
+      from simflow_jax import host_memory
+      host_memory.reexec_keeping_memory()
+      print("args", sys.argv[1:], os.environ["GLIBC_TUNABLES"], flush=True)
+  """)
+  out = subprocess.run([sys.executable, "-u", "-c", script, "x", "--flag=2"], env=_clean_env(),
+                       capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+  starts = [line for line in out if line.startswith("start")]
+  assert len(starts) == 2 and len(set(starts)) == 1, out  # two starts, one pid: exec, not a child
+  assert out[-1] == f"args ['x', '--flag=2'] {host_memory.TUNABLES}", out
+  assert sum(line.startswith("args") for line in out) == 1, out
+
+
+@needs_glibc
+def test_freed_memory_is_reused_without_page_faults():
+  """A 256 MiB buffer malloc'd, written and freed three times on a worker thread (as XLA:CPU
+  does with a program's temporary buffer, call after call): with plain glibc every round
+  faults its 65,536 pages in again; with the tunables only the first round does."""
+  script = textwrap.dedent("""
+      import ctypes, resource, threading
+      libc = ctypes.CDLL("libc.so.6")
+      libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+      libc.free.argtypes = [ctypes.c_void_p]
+      size, faults = 256 << 20, []
+      def rounds():
+        for _ in range(3):
+          before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          p = libc.malloc(size)
+          ctypes.memset(p, 1, size)
+          libc.free(p)
+          faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      t = threading.Thread(target=rounds)
+      t.start()
+      t.join()
+      print(*faults)
+  """)
+  faults = {}
+  for name, env in [("plain", _clean_env()), ("kept", host_memory.keep_memory_environ(_clean_env()))]:
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    faults[name] = [int(n) for n in out.split()]
+  assert min(faults["plain"]) > 30_000, faults             # every round: a fresh mapping
+  assert faults["kept"][0] > 30_000, faults                # the first round faults in once
+  assert max(faults["kept"][1:]) < 1_000, faults           # then the memory is reused
