@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-import common  # noqa: F401  (benchmarks/common.py: environment, then sys.path)
+import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
 
 _TARFLOW_REPO = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow.")
 _CONFIG = flags.DEFINE_string("config", "tarflow256", "Flow config (common.FLOW_CONFIGS).")

@@ -25,8 +25,9 @@ from simflow_jax import host_memory
 SPEED_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + SPEED_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.update({k: v for k, v in (host_memory.keep_memory_environ(os.environ) or {}).items()
-                   if k == "GLIBC_TUNABLES"})
+_KEPT = host_memory.keep_memory_environ(os.environ)
+if _KEPT is not None:
+  os.environ["GLIBC_TUNABLES"] = _KEPT["GLIBC_TUNABLES"]
 _MADE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (workers inherit its value)
   _MADE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="simflow_jax_test_xla_")

@@ -84,7 +84,9 @@ def test_sample_throughput_script_on_a_small_flow_config():
     assert m["images_per_s"] == pytest.approx(2 / m["seconds"])
     assert m["seconds_per_token_step"] == pytest.approx(m["seconds"] / (4 * 64))
   assert r["cached"]["mean_steps"] == 16  # sequential: 16 tokens per chunk of every block
-  assert 1 <= r["selective"]["mean_steps"] <= 16
+  # Selective: the deep block (1 of 4) counts its 16 tokens per chunk; each Jacobi block
+  # takes 1-16 iterations per 16-token chunk (exact after 16), so the mean lies in [19/4, 16].
+  assert (16 + 3 * 1) / 4 <= r["selective"]["mean_steps"] <= 16
   assert r["selective_speedup"] == pytest.approx(r["cached"]["seconds"] / r["selective"]["seconds"])
   s = out["scaling"]["tarflow64"]
   assert s["tokens"] == 64 and s["seconds_per_image"] > 0
