@@ -59,8 +59,9 @@ _MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Timed matmuls.")
 _TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow (flow configs).")
 _SCAN = flags.DEFINE_bool("flow_scan_layers", True, "Flow configs: layers stacked with nn.scan "
                           "(the library default) or unrolled (flow.scan_layers=False).")
-_UNROLL = flags.DEFINE_integer("flow_scan_unroll", 1, "Flow configs: layers per scan iteration "
-                               "(flow.scan_unroll; 2 unrolls their two-layer blocks).")
+_UNROLL = flags.DEFINE_integer("flow_scan_unroll", None, "Flow configs: layers per scan iteration "
+                               "(flow.scan_unroll; unset: the library default, 2, which unrolls "
+                               "their two-layer blocks).")
 
 
 def random_inputs(spec, seed: int = 0):
@@ -150,7 +151,7 @@ class TarflowWorker:
 def bench_flow_config(name: str) -> dict:
   """The flow-only train step of a FLOW_CONFIGS model (see the module docstring)."""
   flow, _, _ = common.flow_model(name)
-  flow = flow.clone(scan_layers=_SCAN.value, scan_unroll=_UNROLL.value)
+  flow = flow.clone(scan_layers=_SCAN.value, scan_unroll=_UNROLL.value or flow.scan_unroll)
   b = _BATCH.value or 32
   tokens = jax.random.normal(jax.random.key(1), (b, flow.seq_len, flow.token_dim))
   labels = jnp.arange(b, dtype=jnp.int32) % flow.num_classes
@@ -196,7 +197,7 @@ def bench_flow_config(name: str) -> dict:
   peak = common.matmul_peak(common.devices(1), _MATMUL_SIZE.value, _MATMUL_REPS.value)
   median, median_cpu = statistics.median(times), statistics.median(cpu)
   out = {"global_batch": b, "devices": 1, "steps": len(times), "flow_only": True,
-         "scan_layers": _SCAN.value, "scan_unroll": _UNROLL.value,
+         "scan_layers": _SCAN.value, "scan_unroll": flow.scan_unroll,
          "params": sum(x.size for x in jax.tree.leaves(params)),
          "trace_lower_s": t_lower, "compile_s": t_compile,
          "step_time_s_median": median, "step_time_s_mean": statistics.fmean(times),
@@ -217,6 +218,8 @@ def main(argv):
   del argv
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError("--steps must be >= 1 and --warmup >= 0.")
+  if _UNROLL.value is not None and _UNROLL.value < 1:
+    raise app.UsageError("--flow_scan_unroll must be >= 1 (layers per scan iteration).")
   results = {name: bench_flow_config(name) if name in common.FLOW_CONFIGS else bench_config(name)
              for name in _CONFIGS.value}
   common.emit({"machine": common.machine(), "results": results})

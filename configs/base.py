@@ -66,9 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.dtype = "float32"         # transformer compute dtype; a, b, log-dets stay float32
   f.remat = False
   f.scan_layers = True        # a block's layers stacked with nn.scan (flat compile time in depth)
-  f.scan_unroll = 1           # layers per scan iteration; a block's depth unrolls it fully: the
-                              # same parameters and results, faster on a CPU at small depth
-                              # (1.35x for 2 layers), compile time growing with depth
+  f.scan_unroll = 2           # layers per scan iteration: the same parameters and results;
+                              # 2 runs a two-layer block as straight-line code (1.2-1.3x faster
+                              # train step on a CPU than 1); compile time grows with it
 
   # ---- losses; SimFlow's own weights are OPEN ----------------------------------------
   c.loss = l = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny
 from simflow_jax import dry_run, sharding
-from simflow_jax.models import build
+from simflow_jax.models import build, layers
 from simflow_jax.pretrained import dinov2, lpips
 
 
@@ -75,8 +75,10 @@ def test_scanned_layers_are_counted_in_flops(result):
   extra = dry_run.step_flops(config, mesh) - result["flops"]["per_step"]
   w, s, b = config.flow.width, build.build_models(config).flow.seq_len, config.data.batch_size
   # Per token and layer, forward: qkv + out + MLP matmuls 2 * 12 w^2, scores and mixing
-  # 4 s w; backward twice that. Two extra layers, b * s tokens.
-  matmul_flops = 2 * 3 * b * s * (2 * 12 * w * w + 4 * s * w)
+  # 4 s w times the share of the (s, s) logits that n query chunks compute, (n + 1) / 2n
+  # (layers.causal_attention); backward twice that. Two extra layers, b * s tokens.
+  n = layers.attention_chunks(s)
+  matmul_flops = 2 * 3 * b * s * (2 * 12 * w * w + 4 * s * w * (n + 1) / (2 * n))
   assert 1.0 <= extra / matmul_flops <= 1.2, (extra, matmul_flops)
 
 

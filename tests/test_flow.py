@@ -13,6 +13,7 @@ from simflow_jax import checkpoint, losses
 from simflow_jax.models import build
 from simflow_jax.models import flow as F
 from simflow_jax.models import inverse as I
+from simflow_jax.models import layers
 
 T, D, NCLS = 8, 4, 3
 
@@ -179,7 +180,7 @@ def test_scanned_layers_equal_unrolled_reference():
 def test_scan_unroll_keeps_parameters_and_results():
   """flow.scan_unroll changes how the layers are looped over, nothing else: the same
   parameter tree (and init), the same NLL and the same gradients."""
-  base = make_flow(scan=True, layers=(3, 2))
+  base = make_flow(scan=True, layers=(3, 2), scan_unroll=1)
   params = perturbed_params(base)
   x, y = data()
   nll = lambda flow: jax.jit(jax.value_and_grad(
@@ -192,6 +193,29 @@ def test_scan_unroll_keeps_parameters_and_results():
     loss_u, grads_u = nll(flow)(params)
     np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_u, grads)
+
+
+@pytest.mark.parametrize("seq_len", [8, 6])
+def test_chunked_causal_attention_equals_one_masked_softmax(seq_len):
+  """layers.causal_attention skips the masked blocks chunk by chunk; values and gradients
+  equal one masked softmax over all (S, S) logits, for every chunk count (6 tokens do
+  not divide into 4 or 5 chunks: fewer are used)."""
+  q, k, v = (jax.random.normal(key, (2, seq_len, 3, 4)) for key in jax.random.split(jax.random.key(0), 3))
+
+  def reference(q, k, v):
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k)
+    logits = np.where(np.tril(np.ones((seq_len, seq_len), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+  loss = lambda chunks: jax.jit(jax.grad(
+      lambda *a: jnp.sum(jnp.sin(layers.causal_attention(*a, jnp.float32, chunks))), argnums=(0, 1, 2)))
+  grads_one = loss(1)(q, k, v)
+  for chunks in range(1, seq_len + 2):
+    out = layers.causal_attention(q, k, v, jnp.float32, chunks)
+    np.testing.assert_allclose(out, reference(*map(np.asarray, (q, k, v))), rtol=1e-5, atol=1e-6)
+    for g, g1 in zip(loss(chunks)(q, k, v), grads_one):
+      np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_inverse_equals_dense_with_guidance_callable():

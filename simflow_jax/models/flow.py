@@ -82,7 +82,7 @@ class FlowBlock(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = True
   remat: bool = False
-  scan_unroll: int = 1
+  scan_unroll: int = 2
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, name="proj_in")
@@ -230,7 +230,7 @@ class Flow(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = True
   remat: bool = False
-  scan_unroll: int = 1        # layers per nn.scan iteration (same parameters and results)
+  scan_unroll: int = 2        # layers per nn.scan iteration (same parameters and results)
 
   @classmethod
   def from_config(cls, cfg, latent_hw: Sequence[int], latent_channels: int, num_classes: int) -> "Flow":

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+ATTENTION_CHUNKS = 4  # query chunks of the dense causal attention (causal_attention) ...
+MIN_ATTENTION_CHUNK = 64  # ... of at least this many queries each
 
 
 def modulate(x, shift, scale):
@@ -61,6 +63,39 @@ def next_kv_window(cache: tuple, window: int, fill=0.0) -> tuple:
   return tuple(advance(layer) for layer in cache)
 
 
+def attention_chunks(seq_len: int, chunks: int = 0) -> int:
+  """How many query chunks causal_attention uses for `seq_len` tokens: `chunks`, or by
+  default ATTENTION_CHUNKS of at least MIN_ATTENTION_CHUNK queries (short sequences run
+  as one chunk, where splitting only adds small ops); lowered until it divides seq_len."""
+  n = chunks if chunks > 0 else min(ATTENTION_CHUNKS, seq_len // MIN_ATTENTION_CHUNK)
+  n = max(1, min(n, seq_len))
+  while seq_len % n:
+    n -= 1
+  return n
+
+
+def causal_attention(q, k, v, dtype: Dtype, chunks: int = 0):
+  """Dense causal attention: q, k, v (B, S, H, Dh) -> (B, S, H, Dh).
+
+  The queries go in equal chunks (attention_chunks): chunk i attends
+  to the keys of chunks 0..i only, so the fully masked blocks of the (S, S) logits are
+  never computed (5/8 of them are, with 4 chunks) and each chunk's logits stay small.
+  The same maths as one masked softmax; 1.15x faster on the tarflow256 train step on
+  CPU (benchmarks/train_throughput.py)."""
+  s = q.shape[1]
+  chunks = attention_chunks(s, chunks)
+  c = s // chunks
+  outs = []
+  for i in range(chunks):
+    end = (i + 1) * c  # chunk i: queries i*c .. end-1, keys 0 .. end-1
+    mask = jnp.arange(end)[None, :] <= i * c + jnp.arange(c)[:, None]  # (c, end): key j <= query
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, i * c:end], k[:, :end]).astype(jnp.float32)
+    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)  # (B, H, c, end)
+    outs.append(jnp.einsum("bhqk,bkhd->bqhd", weights, v[:, :end]))
+  return jnp.concatenate(outs, axis=1) if chunks > 1 else outs[0]
+
+
 class CausalAttention(nn.Module):
   width: int
   head_dim: int
@@ -74,11 +109,7 @@ class CausalAttention(nn.Module):
     q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
     s = x.shape[1]
     if cache is None:
-      mask = jnp.tril(jnp.ones((s, s), bool))  # (S, S): query i sees keys j <= i
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-      logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, S, S)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+      out = causal_attention(q, k, v, self.dtype)
     else:
       p = cache["prefix_k"].shape[2]  # static: slots < p are finished, the window starts at p
       # Write first, then read: the read is the buffer's last use before the next write.
@@ -168,7 +199,7 @@ class LayerStack(nn.Module):
   remat: bool = False
   ln_eps: float = 1e-6
   approximate_gelu: bool = True
-  scan_unroll: int = 1  # layers per scan iteration (lax.scan's unroll): same params and maths
+  scan_unroll: int = 2  # layers per scan iteration (lax.scan's unroll): same params and maths
 
   @nn.compact
   def __call__(self, h, cond, cache=None, pos=None, capture_at: Optional[int] = None):
