@@ -152,17 +152,21 @@ def test_noise_augmented_changes_flow_input():
 
 
 def test_repa_gradients_reach_flow_projector_and_encoder():
-  """Each alignment weight moves only its side (two compiles: the gradient is linear in the
-  weights, so w=(0.5, 3) is the sum of these two)."""
+  """Both weights on: every side gets gradient; each weight alone moves only its side, and
+  the encoder's gradient scales with w_vae alone (three compiles)."""
   only_repa = dict(w_l1=0.0, w_kl=0.0, w_nf=0.0)
-  # w_vae = 0: the flow and the projector get the alignment gradient, the encoder none.
-  to_flow, metrics = _grad_norms(*_setup(repa=(0.5, 0.0), **only_repa))
-  assert to_flow["flow"] > 0 and to_flow["repa_proj"] > 0 and to_flow["encoder"] < 1e-7
+  norms, metrics = _grad_norms(*_setup(repa=(0.5, 1.5), **only_repa))
+  assert norms["flow"] > 0 and norms["repa_proj"] > 0 and norms["encoder"] > 0
+  assert norms["decoder"] == 0.0
   assert -1.0 <= float(metrics["repa_cos"]) <= 1.0
-  # w_flow = 0: the encoder gets it, the flow and the projector none.
-  to_vae, _ = _grad_norms(*_setup(repa=(0.0, 3.0), **only_repa))
-  assert to_vae["encoder"] > 0 and to_vae["flow"] == 0.0 and to_vae["repa_proj"] == 0.0
-  assert to_flow["decoder"] == 0.0 and to_vae["decoder"] == 0.0
+  # w_vae = 0: the encoder gets no alignment gradient, the flow still does.
+  norms0, _ = _grad_norms(*_setup(repa=(0.5, 0.0), **only_repa))
+  assert norms0["encoder"] < 1e-7 * max(norms["encoder"], 1.0) and norms0["flow"] > 0
+  # w_flow = 0 and w_vae doubled: the flow and projector get none; the encoder's gradient
+  # is twice that at w_vae = 1.5 (w_flow added nothing to it, as the case above shows).
+  norms1, _ = _grad_norms(*_setup(repa=(0.0, 3.0), **only_repa))
+  assert norms1["flow"] == 0.0 and norms1["repa_proj"] == 0.0 and norms1["encoder"] > 0
+  np.testing.assert_allclose(norms1["encoder"], 2 * norms["encoder"], rtol=1e-4)
 
 
 def test_repa_disabled_has_no_alignment_path():
