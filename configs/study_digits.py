@@ -2,12 +2,12 @@
 
   python main.py --config=configs/study_digits.py --mode=study --workdir=DIR
   python main.py --config=configs/study_digits.py:simflow,end_to_end_noise ...   (some rows)
-  --config.study.quick=True                                                      (~8 minutes, estimated)
+  --config.study.quick=True                                                      (a short version)
 
 The demo's VAE (configs/demo.py: 32x32 digits -> 8x8x4 latents) and a narrower two-block
-flow over 16 tokens, at a step budget of 400 per row: the ten rows x three seeds took 52
-minutes on a 2-core CPU with two worker processes (README "Variant study"). Every row uses these settings; only its preset
-(configs/variants.py) differs.
+flow over 16 tokens, at a step budget of 400 per row, ten rows x three seeds, run by two
+worker processes (the committed run's wall time: docs/study.md). Every row uses these
+settings; only its preset (configs/variants.py) differs.
 """
 from configs import base, demo
 
@@ -16,7 +16,7 @@ def get_config(arg: str = ""):
   c = demo.get_config()
   c.study.rows = tuple(r for r in arg.split(",") if r) if arg else ()
   c.study.seeds = (0, 1, 2)
-  c.study.workers = 2              # two jax processes keep 2 cores busy (one leaves ~30 % idle)
+  c.study.workers = 2              # two single-threaded jax processes keep both cores busy
   c.study.steps = 400
   c.flow.width, c.flow.head_dim = 64, 32
   c.study.stage1_fraction = 0.5
@@ -28,5 +28,5 @@ def get_config(arg: str = ""):
   c.train.async_ckpt = False
   c.train.keep_ckpts = 1
   c.eval.noise_sweep = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
-  c.eval.robustness_lpips = False  # the table and Fig. 3a use PSNR; VGG16 LPIPS would double eval time
+  c.eval.robustness_lpips = False  # the table and Fig. 3a use PSNR; VGG16 LPIPS is slow on a CPU
   return base.lock(c)

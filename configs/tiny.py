@@ -1,4 +1,4 @@
-"""A seconds-long smoke preset (tests and `--mode` checks): 16 steps on digits, tiny models."""
+"""A seconds-long smoke preset (tests and `--mode` checks): 4 steps on digits, tiny models."""
 from configs import base, variants
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 STAGE1 = {"train.freeze": "flow"}  # the VAE alone: reconstruction + KL of its posterior
 
 PRESETS = {
-    # Names kept from earlier versions.
+    # The paper's gradient-path variants, one setting each (e.g. configs/imagenet256.py:frozen_vae).
     "end_to_end": {},
     "frozen_vae": {"train.freeze": "vae"},
     "frozen_encoder": {"train.freeze": "encoder"},

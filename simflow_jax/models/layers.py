@@ -80,8 +80,8 @@ def causal_attention(q, k, v, dtype: Dtype, chunks: int = 0):
   The queries go in equal chunks (attention_chunks): chunk i attends
   to the keys of chunks 0..i only, so the fully masked blocks of the (S, S) logits are
   never computed (5/8 of them are, with 4 chunks) and each chunk's logits stay small.
-  The same maths as one masked softmax; 1.15x faster on the tarflow256 train step on
-  CPU (benchmarks/train_throughput.py)."""
+  The same maths as one masked softmax, with less work and smaller intermediates
+  (its speed: docs/performance.md)."""
   s = q.shape[1]
   chunks = attention_chunks(s, chunks)
   c = s // chunks
