@@ -1,15 +1,11 @@
 """Writes training metrics, images and hyperparameters without TensorFlow.
 
-`clu.metric_writers` imports TensorFlow; this module does not. One
-`MetricWriter` per run writes, under its `logdir`:
+One `MetricWriter` per run writes, under its `logdir`:
 
+  events.out.tfevents.*         TensorBoard event file (scalars, images, hparams)
   metrics.jsonl                 one JSON object per `write_scalars` call:
                                 {"step": 100, "loss": 0.25, ...}
-                                (`drop_rows_after=S` first removes rows of steps > S)
-  events.out.tfevents.*         TensorBoard event file (scalars, images, hparams),
-                                framed and CRC'd as TensorBoard expects, built from
-                                the protos that ship with tensorboardX
-  images/<name>_<step>.png      one PNG per image (a batch adds _<index>)
+  images/<name>_<step:08d>.png  one PNG per `write_images` entry (a batch: one grid)
   hparams.json                  the flattened hyperparameters ("optim.lr": 1e-4)
 
   MetricWriter(logdir, *, just_logging=False, flush_secs=60.0, drop_rows_after=None)
@@ -19,26 +15,36 @@
     .flush(), .close()   (also a context manager)
     .event_file          this writer's TensorBoard event file (None when just logging)
 
-Every write is logged with absl logging; `just_logging=True` (the writer of
-non-zero processes in a multi-host run) logs and writes no file at all.
+The event file is tensorboardX's `SummaryWriter`: it builds the summaries, frames
+the records and writes them from a background thread at least every `flush_secs`
+seconds and on `close()`, to local paths, gs:// (google-cloud-storage) or s3://
+(boto3). The hparams summaries go to this writer's own event file rather than
+through `add_hparams`, which would start a separate run in a sub-folder. A run
+resumed from the checkpoint of step S passes `drop_rows_after=S`, which becomes
+tensorboardX's `purge_step=S + 1`: TensorBoard then hides the events of steps
+after S that earlier event files hold (logged before a preemption, then replayed).
 
-File operations go through `etils.epath`, so `logdir` may be a `gs://` path
-when gcsfs is installed. Object stores cannot append: for such paths each
-append-only file is kept in memory and re-uploaded whole on `flush()`, and on a
-write once `flush_secs` seconds have passed since the last upload; an existing
-metrics.jsonl is read back first, so a run resumed after a preemption keeps its earlier rows.
-Local files are appended to and flushed on every write. A run resumed from the
-checkpoint of step S passes `drop_rows_after=S`: the rows of steps after S (logged
-before a preemption, then replayed) are removed first (the file is rewritten
-atomically), so metrics.jsonl keeps one row per step. TensorBoard event files
-keep both; TensorBoard itself discards the older events of a step that goes back.
+What stays ours, because tensorboardX does not do it:
+  - metrics.jsonl: a plain-text log that scripts and tests read without an event
+    parser. With `drop_rows_after=S` the rows of steps after S and a torn last
+    line are removed first, in an atomic rewrite, so the file keeps one row per
+    step. Its file operations go through `etils.epath`, so it may live on gs://
+    (with gcsfs); object stores cannot append, so there the file is held in memory,
+    read back first when it exists, and re-uploaded whole on `flush()` and once
+    `flush_secs` have passed since the last upload. Local files are appended to and
+    flushed on every write.
+  - hparams.json: the same hyperparameters as plain JSON; TensorBoard's hparams
+    record holds only strings, numbers and booleans (lists go in as JSON strings).
+  - PNG files and the grid: tensorboardX writes images only into the event file,
+    and its batch grid has no gap between tiles and turns greyscale into RGB.
+  - `just_logging=True` (the writer of non-zero processes in a multi-host run):
+    every write is logged with absl logging and no file is created at all.
 """
 import io
 import itertools
 import json
+import math
 import os
-import socket
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -47,18 +53,35 @@ import numpy as np
 from absl import logging
 from etils import epath
 from PIL import Image
+from tensorboardX import SummaryWriter, record_writer
 from tensorboardX import summary as tbx_summary
-from tensorboardX.proto import event_pb2, summary_pb2
-from tensorboardX.record_writer import masked_crc32c
 
 from simflow_jax import files
 
+GRID_GAP = 2  # black pixels between the tiles of an image grid
 _WRITER_IDS = itertools.count()
+# tensorboardX's remote event-file writers: scheme -> (its "installed" flag, what to install).
+_REMOTE_EVENT_WRITERS = {"gs": ("GCS_ENABLED", "google-cloud-storage"),
+                         "s3": ("S3_ENABLED", "boto3")}
 
 
 def _is_remote(path: epath.Path) -> bool:
   """True for object-store paths (gs://, s3://), which cannot be appended to."""
   return "://" in os.fspath(path)
+
+
+def _check_event_writer_backend(logdir: str) -> None:
+  """Raises a clear error when tensorboardX cannot write event files under `logdir`."""
+  if "://" not in logdir:
+    return
+  scheme = logdir.split("://", 1)[0]
+  if scheme not in _REMOTE_EVENT_WRITERS:
+    raise ValueError(f"TensorBoard event files can go to a local folder, gs:// or s3://, not "
+                     f"{scheme}://; choose another logdir.")
+  flag, package = _REMOTE_EVENT_WRITERS[scheme]
+  if not getattr(record_writer, flag):
+    raise OSError(f"Writing TensorBoard event files to {scheme}:// needs {package}; "
+                  f"run `pip install {package}`.")
 
 
 class _LocalAppendFile:
@@ -133,13 +156,6 @@ def _drop_rows_after(path: epath.Path, step: int) -> int:
   return len(lines) - len(kept)
 
 
-def _record(data: bytes) -> bytes:
-  """Frames one serialized Event as a TFRecord: length, its CRC, data, data CRC."""
-  header = struct.pack("<Q", len(data))  # little-endian uint64, as TFRecord requires
-  return b"".join([header, struct.pack("<I", masked_crc32c(header)),
-                   data, struct.pack("<I", masked_crc32c(data))])
-
-
 def _to_float(name: str, value: Any) -> float:
   arr = np.asarray(value)
   if arr.size != 1:
@@ -154,9 +170,9 @@ def _to_uint8_images(name: str, image: Any) -> np.ndarray:
   arr = np.asarray(image)
   if arr.ndim == 3:
     arr = arr[None]  # (H, W, C) -> (1, H, W, C)
-  if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+  if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] < 1:
     raise ValueError(
-        f"Image {name!r} has shape {arr.shape}; expected (H, W, C) or (N, H, W, C) "
+        f"Image {name!r} has shape {arr.shape}; expected (H, W, C) or (N >= 1, H, W, C) "
         "with C in (1, 3, 4).")
   if arr.dtype == np.uint8:
     return arr
@@ -164,6 +180,23 @@ def _to_uint8_images(name: str, image: Any) -> np.ndarray:
     return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
   raise ValueError(
       f"Image {name!r} has dtype {arr.dtype}; pass uint8 in [0, 255] or float in [0, 1].")
+
+
+def image_grid(images: np.ndarray, gap: int = GRID_GAP) -> np.ndarray:
+  """Tiles (N, H, W, C) images into one (H', W', C) image, row by row.
+
+  cols = ceil(sqrt(N)) tiles per row, rows = ceil(N / cols); `gap` black pixels
+  between neighbouring tiles (none around the edge), and the unused cells of the
+  last row black, so H' = rows * (H + gap) - gap and W' = cols * (W + gap) - gap.
+  A single image comes back unchanged.
+  """
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  cells = np.pad(images, ((0, rows * cols - n), (0, gap), (0, gap), (0, 0)))
+  grid = cells.reshape(rows, cols, h + gap, w + gap, c).transpose(0, 2, 1, 3, 4)
+  return grid.reshape(rows * (h + gap), cols * (w + gap), c)[:rows * (h + gap) - gap,
+                                                              :cols * (w + gap) - gap]
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -205,8 +238,9 @@ class MetricWriter:
     self._closed = False
     self.event_file: epath.Path | None = None  # this writer's TensorBoard event file
     if just_logging:
-      self._jsonl = self._events = None
+      self._jsonl = self._tb = None
       return
+    _check_event_writer_backend(os.fspath(self.logdir))
     self.logdir.mkdir(parents=True, exist_ok=True)
     if drop_rows_after is not None:
       dropped = _drop_rows_after(self.logdir / "metrics.jsonl", int(drop_rows_after))
@@ -214,18 +248,13 @@ class MetricWriter:
         logging.info("metrics.jsonl: dropped %d rows after step %d (logged before the run "
                      "stopped, replayed now)", dropped, drop_rows_after)
     self._jsonl = _open_append(self.logdir / "metrics.jsonl", flush_secs)
-    event_name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-                  f".{os.getpid()}.{next(_WRITER_IDS)}")
-    self.event_file = self.logdir / event_name
-    self._events = _open_append(self.event_file, flush_secs)
-    self._write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-  def _write_event(self, event: event_pb2.Event) -> None:
-    self._check_open()
-    self._events.write(_record(event.SerializeToString()))
-
-  def _write_summary(self, step: int, summary: summary_pb2.Summary) -> None:
-    self._write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    # tensorboardX names the file by the second and the host; the suffix keeps the files of
+    # writers started in the same second (by one process or several) apart.
+    self._tb = SummaryWriter(
+        os.fspath(self.logdir), flush_secs=flush_secs,
+        purge_step=None if drop_rows_after is None else int(drop_rows_after) + 1,
+        filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+    self.event_file = epath.Path(self._tb.file_writer.event_writer._ev_writer._file_name)
 
   def _check_open(self) -> None:
     if self._closed:
@@ -242,45 +271,35 @@ class MetricWriter:
     if self.just_logging:
       return
     self._jsonl.write((json.dumps({"step": step, **values}) + "\n").encode())
-    self._write_summary(step, summary_pb2.Summary(value=[
-        summary_pb2.Summary.Value(tag=name, simple_value=value)
-        for name, value in values.items()]))
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    """Writes each (H, W, C) image, or each image of an (N, H, W, C) batch, as a PNG.
+    """Writes each entry as one image: an (H, W, C) image as it is, an (N, H, W, C) batch
+    tiled into one grid (see `image_grid`).
 
-    Files: images/<name>_<step:08d>.png for (H, W, C); images/<name>_<step:08d>_<i>.png
-    for each image i of a batch. TensorBoard tags: <name>, or <name>/<i> for a batch.
-    A "/" in a name becomes "_" in the file name.
+    File: images/<name>_<step:08d>.png, a "/" in the name becoming "_".
+    TensorBoard: the same image under the tag <name>.
     """
     self._check_open()
     step = int(step)
-    batches = {name: (_to_uint8_images(name, image), np.ndim(image) == 4)
-               for name, image in images.items()}
+    batches = {name: _to_uint8_images(name, image) for name, image in images.items()}
     logging.info("[%d] images: %s", step,
-                 ", ".join(f"{k}{tuple(v.shape)}" for k, (v, _) in batches.items()))
+                 ", ".join(f"{k}{tuple(v.shape)}" for k, v in batches.items()))
     if self.just_logging:
       return
     image_dir = self.logdir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    tb_values = []
-    for name, (batch, is_batch) in batches.items():
-      stem = f"{name.replace('/', '_')}_{step:08d}"
-      for i, image in enumerate(batch):
-        png = _png_bytes(image)
-        (image_dir / (f"{stem}_{i}.png" if is_batch else f"{stem}.png")).write_bytes(png)
-        height, width, channels = image.shape
-        tb_values.append(summary_pb2.Summary.Value(
-            tag=f"{name}/{i}" if is_batch else name,
-            image=summary_pb2.Summary.Image(height=height, width=width, colorspace=channels,
-                                            encoded_image_string=png)))
-    self._write_summary(step, summary_pb2.Summary(value=tb_values))
+    for name, batch in batches.items():
+      grid = image_grid(batch)
+      (image_dir / f"{name.replace('/', '_')}_{step:08d}.png").write_bytes(_png_bytes(grid))
+      self._tb.add_image(name, grid, step, dataformats="HWC")
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Writes flattened hparams ("optim.lr": 1e-4) to hparams.json and TensorBoard.
 
     Accepts nested mappings or an ml_collections.ConfigDict. Tuples become JSON
-    lists; other non-JSON values become strings.
+    lists (JSON strings in TensorBoard); other non-JSON values become strings.
     """
     self._check_open()
     if hasattr(hparams, "to_dict"):
@@ -292,22 +311,24 @@ class MetricWriter:
     (self.logdir / "hparams.json").write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     tb_hparams = {k: v if isinstance(v, (str, bool, int, float)) else json.dumps(v)
                   for k, v in flat.items()}
-    for summary in tbx_summary.hparams(tb_hparams, {}):
-      self._write_summary(0, summary)
+    for summary in tbx_summary.hparams(tb_hparams, {}):  # experiment, session start, session end
+      self._tb.file_writer.add_summary(summary, global_step=0)
 
   def flush(self) -> None:
+    """Writes out metrics.jsonl and the event file (events still queued in tensorboardX's
+    writer thread follow within `flush_secs`, or on `close()`)."""
     if self.just_logging or self._closed:
       return
     self._jsonl.flush()
-    self._events.flush()
+    self._tb.flush()
 
   def close(self) -> None:
-    """Flushes and closes the files; calling it again does nothing."""
+    """Writes everything out and closes the files; calling it again does nothing."""
     if self._closed:
       return
     if not self.just_logging:
       self._jsonl.close()
-      self._events.close()
+      self._tb.close()
     self._closed = True
 
   def __enter__(self) -> "MetricWriter":
