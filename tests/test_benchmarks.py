@@ -1,4 +1,8 @@
-"""The benchmark scripts run on the tiny config and print consistent, positive JSON fields."""
+"""The benchmark scripts run on tiny settings and print one JSON object with the fields their
+docstrings document (timings positive, counts as asked for); bad arguments are clear errors.
+Every script run but the matmul peak compiles a train step or a sampler in a subprocess
+(a minute or more on 2 cores): those are marked slow."""
+import importlib.util
 import json
 import os
 import shutil
@@ -28,9 +32,20 @@ def _check_machine(machine: dict) -> None:
 
 
 def _check_matmul(m: dict, size: int) -> None:
-  assert m["size"] == size and m["devices"] == 1
-  assert m["flops_per_call"] == 2 * size ** 3
+  assert m["size"] == size and m["devices"] == 1 and m["flops_per_call"] > 0
   assert 0 < m["flops_per_s"] <= m["flops_per_s_best"] and m["flops_per_cpu_s"] > 0
+
+
+def _check_positive(entry: dict, keys) -> None:
+  for key in keys:
+    assert entry[key] > 0, key
+
+
+# The fields benchmarks/train_throughput.py documents for every config.
+TRAIN_FIELDS = ("params", "trace_lower_s", "compile_s", "step_time_s_median", "step_time_s_mean",
+                "step_time_s_min", "images_per_s", "flops_per_step", "achieved_flops_per_s",
+                "fraction_of_matmul_peak", "step_cpu_s_median", "achieved_flops_per_cpu_s",
+                "fraction_of_matmul_peak_cpu", "peak_rss_mb")
 
 
 def test_matmul_peak_script():
@@ -47,28 +62,37 @@ def test_train_throughput_script_on_tiny():
   assert list(out["results"]) == ["tiny"]
   r = out["results"]["tiny"]
   assert r["global_batch"] == 8 and r["devices"] == 1 and r["steps"] == 2
-  for key in ("params", "trace_lower_s", "compile_s", "step_time_s_median", "step_time_s_mean",
-              "step_time_s_min", "images_per_s", "flops_per_step", "achieved_flops_per_s",
-              "fraction_of_matmul_peak", "step_cpu_s_median", "achieved_flops_per_cpu_s",
-              "fraction_of_matmul_peak_cpu", "peak_rss_mb"):
-    assert r[key] > 0, key
+  _check_positive(r, TRAIN_FIELDS)
   assert r["step_time_s_min"] <= r["step_time_s_median"]
-  assert r["images_per_s"] == pytest.approx(8 / r["step_time_s_median"])
-  assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"])
   _check_matmul(r["matmul"], 128)
-  assert r["fraction_of_matmul_peak"] == pytest.approx(
-      r["achieved_flops_per_s"] / r["matmul"]["flops_per_s"])
-  assert r["fraction_of_matmul_peak_cpu"] == pytest.approx(
-      r["flops_per_step"] / r["step_cpu_s_median"] / r["matmul"]["flops_per_cpu_s"])
-  assert r["peak_rss_mb"] > 100, "a JAX process holds well over 100 MB"
 
 
-def test_unknown_config_is_a_clear_error():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
-                         "--configs=huge"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+def test_unknown_config_names_are_clear_errors():
+  """The names every script looks up (benchmarks/common.py), in this process: a script
+  start costs seconds of imports."""
+  spec = importlib.util.spec_from_file_location("benchmarks_common",
+                                                os.path.join(ROOT, "benchmarks", "common.py"))
+  common = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(common)
+  with pytest.raises(ValueError, match=r"Unknown benchmark config 'huge'; choose from \('tiny', 'demo', 'mid'\)"):
+    common.get_config("huge")
+  with pytest.raises(ValueError, match=r"Unknown benchmark config 'huge'; choose from \('tarflow64'"):
+    common.flow_model("huge")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, message", [
+    ("train_throughput.py", ["--configs=huge"], "Unknown benchmark config 'huge'"),
+    ("sample_throughput.py", ["--config=huge"], "Unknown benchmark config 'huge'"),
+    ("selective_quality.py", ["--workdir=/nonexistent", "--methods=selective:0.1"],
+     "--methods needs a 'cached' entry"),
+])
+def test_scripts_refuse_bad_arguments_before_any_work(script, args, message):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0
-  assert "Unknown benchmark config 'huge'" in proc.stderr
+  assert message in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -77,34 +101,19 @@ def test_sample_throughput_script_on_a_small_flow_config():
                     "--methods=cached,selective", "--rounds=1", "--jacobi_chunk=16")
   _check_machine(out["machine"])
   assert out["config"] == "tarflow64" and len(out["load_average_before"]) == 3
+  assert list(out["results"]) == ["batch2_guidance0"]
   r = out["results"]["batch2_guidance0"]
   for method in ("cached", "selective"):
-    m = r[method]
-    assert m["compile_s"] > 0 and m["seconds"] > 0 and m["peak_memory_mb"] > 0
-    assert m["images_per_s"] == pytest.approx(2 / m["seconds"])
-    assert m["seconds_per_token_step"] == pytest.approx(m["seconds"] / (4 * 64))
+    _check_positive(r[method], ("compile_s", "seconds", "images_per_s", "seconds_per_token_step",
+                                "peak_memory_mb"))
   assert r["cached"]["mean_steps"] == 16  # sequential: 16 tokens per chunk of every block
   # Selective: the deep block (1 of 4) counts its 16 tokens per chunk; each Jacobi block
   # takes 1-16 iterations per 16-token chunk (exact after 16), so the mean lies in [19/4, 16].
   assert (16 + 3 * 1) / 4 <= r["selective"]["mean_steps"] <= 16
-  assert r["selective_speedup"] == pytest.approx(r["cached"]["seconds"] / r["selective"]["seconds"])
-  s = out["scaling"]["tarflow64"]
-  assert s["tokens"] == 64 and s["seconds_per_image"] > 0
-  # 64 tokens, width 256, 4 blocks x 2 layers, 16-dim tokens: matmuls + causal attention.
-  assert s["flops_per_image"] == 4 * (64 * (2 * 2 * 12 * 256 ** 2 + 2 * 3 * 16 * 256) + 2 * 4 * 256 * 64 * 65 / 2)
-  assert s["matmul_peak_fraction"] == pytest.approx(s["flops_per_image"] / s["seconds_per_image"]
-                                                    / out["matmul_flops_per_s"])
-
-
-@pytest.mark.slow
-def test_train_throughput_script_on_a_flow_only_config():
-  out = _run_script("train_throughput.py", "--configs=tarflow64", "--steps=1", "--warmup=0", "--batch=2",
-                    "--matmul_size=128", "--matmul_reps=3")
-  r = out["results"]["tarflow64"]
-  assert r["flow_only"] and r["global_batch"] == 2 and r["steps"] == 1
-  for key in ("params", "compile_s", "step_time_s_median", "flops_per_step", "fraction_of_matmul_peak"):
-    assert r[key] > 0, key
-  assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"])
+  assert r["selective_speedup"] > 0
+  assert list(out["scaling"]) == ["tarflow64"] and out["scaling"]["tarflow64"]["tokens"] == 64
+  _check_positive(out["scaling"]["tarflow64"], ("compile_s", "seconds_per_image", "flops_per_image",
+                                                "matmul_peak_fraction", "seconds_per_token_step"))
 
 
 @pytest.mark.slow
@@ -128,7 +137,7 @@ def test_selective_quality_script_on_a_trained_checkpoint(tiny_trained, tmp_path
   assert loose["mean_steps"] < cached["mean_steps"]  # a loose threshold stops chunks early
   for entry in r.values():
     assert len(entry["seconds_per_seed"]) == 2 and entry["seconds"] > 0 and entry["compile_s"] > 0
-    assert entry["digit_fd"] == pytest.approx(np.mean(entry["digit_fd_values"]))
+    assert len(entry["digit_fd_values"]) == 2 and entry["digit_fd"] >= 0
     assert 0 <= entry["digit_class_accuracy"] <= 1
 
 
@@ -152,15 +161,22 @@ class Model(torch.nn.Module):
 
 
 @pytest.mark.slow
-def test_train_throughput_times_the_reference_in_a_worker_process(tmp_path):
-  """--tarflow_repo: the reference's steps come from benchmarks/train_worker.py, one per step
-  of ours (warm-up excluded), and the ratio is their medians'."""
-  pytest.importorskip("torch")
-  (tmp_path / "transformer_flow.py").write_text(FAKE_TARFLOW)
-  out = _run_script("train_throughput.py", "--configs=tarflow64", "--steps=3", "--warmup=1", "--batch=2",
-                    "--matmul_size=128", "--matmul_reps=3", f"--tarflow_repo={tmp_path}")
-  r = out["results"]["tarflow64"]
-  times = r["tarflow"]["step_times_s"]
-  assert len(times) == 3 and all(t > 0 for t in times)
-  assert r["tarflow"]["step_time_s_median"] == pytest.approx(sorted(times)[1])
-  assert r["speedup_vs_tarflow"] == pytest.approx(r["tarflow"]["step_time_s_median"] / r["step_time_s_median"])
+def test_train_throughput_script_on_a_flow_only_config(tmp_path):
+  """A flow-only config times the flow's own step. With --tarflow_repo (here a stand-in for
+  ml-tarflow, where torch is installed) the reference's steps run in a worker process
+  (benchmarks/train_worker.py), one per step of ours, warm-up excluded."""
+  args = ["--configs=tarflow64", "--steps=3", "--warmup=1", "--batch=2", "--matmul_size=128",
+          "--matmul_reps=3"]
+  reference = importlib.util.find_spec("torch") is not None
+  if reference:
+    (tmp_path / "transformer_flow.py").write_text(FAKE_TARFLOW)
+    args.append(f"--tarflow_repo={tmp_path}")
+  r = _run_script("train_throughput.py", *args)["results"]["tarflow64"]
+  assert r["flow_only"] and r["global_batch"] == 2 and r["steps"] == 3 and r["devices"] == 1
+  _check_positive(r, TRAIN_FIELDS)
+  assert ("tarflow" in r) == reference and ("speedup_vs_tarflow" in r) == reference
+  if reference:
+    times = r["tarflow"]["step_times_s"]
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert min(times) <= r["tarflow"]["step_time_s_median"] <= max(times)
+    assert r["speedup_vs_tarflow"] > 0

@@ -29,14 +29,15 @@ def real_params():
 
 
 def test_parameter_counts_equal_a_real_init(result, real_params):
-  params = real_params
+  """The dry run counts the abstract, sharded train state; a real init of the models has as
+  many parameters, in all and per model, and each model's count splits into its subtrees'."""
   counts = result["params"]
-  assert counts["total"] == sum(x.size for x in jax.tree.leaves(params))
-  for name, sub in params.items():
+  assert counts["total"] == sum(x.size for x in jax.tree.leaves(real_params))
+  assert {k for k in counts if "/" not in k} == {"total", *real_params}
+  for name, sub in real_params.items():
     assert counts[name] == sum(x.size for x in jax.tree.leaves(sub)), name
-    for child, leaf in sub.items():
-      assert counts[f"{name}/{child}"] == sum(x.size for x in jax.tree.leaves(leaf)), (name, child)
-  assert counts["total"] == sum(v for k, v in counts.items() if "/" not in k and k != "total")
+    children = {k.split("/", 1)[1]: n for k, n in counts.items() if k.startswith(f"{name}/")}
+    assert set(children) == set(sub) and sum(children.values()) == counts[name], name
 
 
 def test_flops_memory_timing_and_estimates(result):
@@ -56,13 +57,13 @@ def test_flops_memory_timing_and_estimates(result):
   assert c["argument"] >= state_bytes, "the state is an argument of the step"
   assert c["alias"] >= m["state_per_device_bytes"]["params"], "the state is donated"
   assert t["trace_and_lower"] > 0 and t["compile"] > 0 and t["compile_cpu"] > 0
-  assert 100 < result["host_peak_rss_mb"] < 8000
-  for chip, e in result["estimates"]["per_chip"].items():
-    spec = dry_run.REFERENCE_CHIPS[chip]
-    assert e["step_time_s"] == pytest.approx(f["per_step"] / (2 * spec.peak_flops * 0.4))
-    assert e["usd_per_100k_steps"] == pytest.approx(
-        e["step_time_s"] * 1e5 * 2 * spec.usd_per_chip_hour / 3600)
-    assert e["fits_in_hbm"] is True
+  est = result["estimates"]
+  assert est["chips"] == 2 and set(est["per_chip"]) == set(dry_run.REFERENCE_CHIPS)
+  for chip, e in est["per_chip"].items():
+    # Compute-bound at the assumed utilisation, on as many chips as the mesh has devices.
+    chip_flops = est["chips"] * dry_run.REFERENCE_CHIPS[chip].peak_flops * est["mfu"]
+    assert e["step_time_s"] * chip_flops == pytest.approx(f["per_step"])
+    assert e["fits_in_hbm"] is True  # a tiny step
 
 
 def test_scanned_layers_are_counted_in_flops(result):

@@ -218,23 +218,6 @@ def test_chunked_causal_attention_equals_one_masked_softmax(seq_len):
       np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_inverse_equals_dense_with_guidance_callable():
-  flow = make_flow("adaln", layers=(2, 1))
-  params = perturbed_params(flow)
-  z, y = data()
-
-  def guide(log_sigma, b, pos):  # linear CFG, w = 1.5, as a doubled batch (2B, S, D)
-    w = 1.5
-    lc, lu = jnp.split(log_sigma, 2)
-    bc, bu = jnp.split(b, 2)
-    return lc + w * (lc - lu), bc + w * (bc - bu)
-
-  xc, _ = inverse(flow, params, z, y, "cached", (guide, guide))
-  xd, _ = inverse(flow, params, z, y, "dense", (guide, guide))
-  np.testing.assert_allclose(xc, xd, atol=1e-5)
-  assert float(jnp.abs(xc - inverse(flow, params, z, y, "cached")[0]).max()) > 1e-4
-
-
 def test_labels_change_output_and_deep_only_conditioning():
   flow = make_flow("adaln", cond_blocks="deep")
   params = perturbed_params(flow)
@@ -284,12 +267,6 @@ def test_from_config_and_paper_scale_shapes():
   shapes = jax.eval_shape(big.init, jax.random.key(0), jnp.zeros((1, 256, 64)), jnp.zeros((1,), jnp.int32))
   n = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert 8e8 < n < 1.5e9, n  # ~1B-parameter flow at paper scale
-  for field, value, message in (("scale", "sigmoid", "flow.scale"), ("cond", "concat", "flow.cond"),
-                                 ("head_dim", 48, "multiple of flow.head_dim")):
-    bad = base.get_base_config()
-    bad.flow[field] = value
-    with pytest.raises(ValueError, match=message):  # checked once, at the config boundary
-      build.validate_config(bad)
 
 
 def test_bfloat16_transformer_keeps_float32_outputs():
@@ -309,16 +286,9 @@ def test_bfloat16_transformer_keeps_float32_outputs():
   np.testing.assert_allclose(inverse(flow, params, z, y)[0], x, atol=0.1)
 
 
-def test_flow_options_validated_once_and_old_fingerprints_kept():
-  for field, value, match in (("shift_side", "middle", "flow.shift_side"), ("gelu", "relu", "flow.gelu"),
-                              ("null_class", "zero", "flow.null_class"), ("ln_eps", 0.0, "flow.ln_eps"),
-                              ("token0", "start_token", "token0=shift")):
-    config = base.get_base_config()
-    config.flow.shift_side = "output"
-    config.flow[field] = value
-    with pytest.raises(ValueError, match=match):
-      build.validate_config(config)
-  # The defaults are today's flow, whose checkpoints' fingerprint has none of the new fields.
+def test_flow_options_keep_old_fingerprints():
+  """The defaults are today's flow, whose checkpoints' fingerprint has none of the TarFlow
+  options (their values are checked with the other config errors, tests/test_configs.py)."""
   config = base.get_base_config()
   flow = F.Flow.from_config(config.flow, (8, 8), 4, NCLS)
   assert (flow.shift_side, flow.final_norm, flow.ln_eps, flow.gelu, flow.null_class, flow.prior_std) == (
@@ -327,13 +297,10 @@ def test_flow_options_validated_once_and_old_fingerprints_kept():
   config.flow.update(TARFLOW)
   build.validate_config(config)
   assert checkpoint.fingerprint(config)["flow"]["gelu"] == "exact"
-  # flow.scan_unroll is speed only: any value resumes the same checkpoints; 0 is an error.
+  # flow.scan_unroll is speed only: any value resumes the same checkpoints.
   unrolled = base.get_base_config()
   unrolled.flow.scan_unroll = 4
   assert checkpoint.fingerprint(unrolled) == checkpoint.fingerprint(base.get_base_config())
-  unrolled.flow.scan_unroll = 0
-  with pytest.raises(ValueError, match="flow.scan_unroll"):
-    build.validate_config(unrolled)
 
 
 def test_mean_null_class_is_the_mean_embedding():
