@@ -71,12 +71,31 @@ def _isqrt(n: int) -> Optional[int]:
   return r if r * r == n else None
 
 
+def token_layouts(token_dim: int, *, patch_size: Optional[int] = None,
+                  in_channels: Optional[int] = None) -> list[tuple[int, int]]:
+  """Every (in_channels, patch_size) with in_channels * patch_size^2 = token_dim that agrees
+  with the values given (None = any), by decreasing patch size."""
+  found = []
+  for p in range(math.isqrt(token_dim), 0, -1):
+    if token_dim % (p * p) == 0:
+      c = token_dim // (p * p)
+      if (patch_size is None or p == patch_size) and (in_channels is None or c == in_channels):
+        found.append((c, p))
+  return found
+
+
+def _layout_list(layouts) -> str:
+  return ", ".join(f"{c}x({p}x{p})" for c, p in layouts)
+
+
 def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
                        patch_size: Optional[int] = None, in_channels: Optional[int] = None) -> dict:
   """The model sizes read from the state dict's shapes: num_blocks, layers_per_block,
   channels (C), seq_len (T), token_dim (D), num_classes (0 = unconditional), mlp_ratio,
-  head_dim, patch_size, in_channels, img_size. D = in_channels * patch_size^2 needs one
-  of the two; without either, in_channels 3 (RGB) then 1 are tried."""
+  head_dim, patch_size, in_channels, img_size. The token width D = in_channels * patch_size^2
+  fixes the image layout only when one (in_channels, patch_size) pair fits D and the values
+  given: otherwise a ValueError lists the layouts that fit and the flags that choose one (the
+  converter never guesses: a wrong guess reads the images in the wrong layout, silently)."""
   blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.proj_in\.weight$", k))})
   if not blocks or blocks != list(range(len(blocks))):
     raise ValueError("not an ml-tarflow state dict: expected keys blocks.0.proj_in.weight, "
@@ -93,22 +112,20 @@ def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
   if channels % head_dim:
     raise ValueError(f"width {channels} is not a multiple of head_dim={head_dim}: pass the model's "
                      "--head_dim (ml-tarflow's Model uses 64).")
-  if patch_size is None:
-    candidates = [in_channels] if in_channels else [3, 1]
-    for c in candidates:
-      p = _isqrt(token_dim // c) if token_dim % c == 0 else None
-      if p:
-        patch_size, in_channels = p, c
-        break
-    else:
-      raise ValueError(f"token dim {token_dim} is not in_channels * patch_size^2 for in_channels in "
-                       f"{candidates}: pass --patch_size and --in_channels.")
-  if token_dim % (patch_size * patch_size):
-    raise ValueError(f"token dim {token_dim} is not a multiple of patch_size^2 = {patch_size ** 2}.")
-  if in_channels is None:
-    in_channels = token_dim // (patch_size * patch_size)
-  if in_channels * patch_size * patch_size != token_dim:
-    raise ValueError(f"in_channels={in_channels} * patch_size={patch_size}^2 != token dim {token_dim}.")
+  layouts = token_layouts(token_dim, patch_size=patch_size, in_channels=in_channels)
+  if not layouts:
+    given = " ".join(f"--{n}={v}" for n, v in (("patch_size", patch_size), ("in_channels", in_channels))
+                     if v is not None)
+    raise ValueError(f"{given}: the checkpoint's tokens have {token_dim} features, which is not "
+                     f"in_channels * patch_size^2 for these values; the layouts that fit are "
+                     f"{_layout_list(token_layouts(token_dim))}.")
+  if len(layouts) > 1:
+    raise ValueError(f"the checkpoint's tokens have {token_dim} features, which fits "
+                     f"{len(layouts)} image layouts in_channels x (patch_size x patch_size): "
+                     f"{_layout_list(layouts)}; the state dict does not say which: pass the model's "
+                     "--patch_size (ml-tarflow's --patch_size) and/or --in_channels (3 for RGB pixels, "
+                     "the latent's channels for a latent model).")
+  in_channels, patch_size = layouts[0]
   side = _isqrt(seq_len)
   if side is None:
     raise ValueError(f"{seq_len} tokens are not a square grid of patches.")
