@@ -243,6 +243,9 @@ def file_system_error(e: BaseException):
   while e is not None and seen < 8:
     if isinstance(e, OSError) and e.errno in files.USER_ERRNOS:
       return files.describe_os_error(e)
+    message = files.describe_tensorstore_error(e)  # orbax writes through tensorstore
+    if message:
+      return message
     e, seen = e.__cause__ or e.__context__, seen + 1
   return None
 

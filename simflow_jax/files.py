@@ -2,6 +2,7 @@
 one-line account of a file-system error (not a directory, no permission, read-only, disk full)."""
 import errno
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, TypeVar
@@ -78,6 +79,24 @@ def describe_os_error(e: OSError, path=None) -> str:
   reason = e.strerror or str(e)
   advice = _ADVICE.get(e.errno, "check the path")
   return f"{where}: {reason} ({advice})."
+
+
+def describe_tensorstore_error(e: BaseException):
+  """The one line for a tensorstore (orbax checkpoint) write that failed with an errno of
+  USER_ERRNOS, or None: tensorstore raises ValueError('RESOURCE_EXHAUSTED: Error writing local
+  file "PATH" ... [os_error_code='28']'). The path is shortened to the folder holding the
+  unfinished *.orbax-checkpoint-tmp step (orbax renames a step into place only once it is
+  complete, so the steps saved before are intact)."""
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code is None or int(code.group(1)) not in USER_ERRNOS:
+    return None
+  number = int(code.group(1))
+  found = re.search(r'local file "([^"]+)"', text)
+  path = found.group(1) if found else "a checkpoint"
+  if ".orbax-checkpoint-tmp" in path:
+    path = os.path.dirname(path.split(".orbax-checkpoint-tmp")[0])
+  return f"{path}: {os.strerror(number)} ({_ADVICE[number]})."
 
 
 def check_writable_dir(path) -> None:
