@@ -70,7 +70,8 @@ def main(argv=None) -> None:
   print(f"wrote {args.out}: {n:,} parameters, {len(f['layers'])} blocks x {f['layers'][0]} layers, "
         f"width {f['width']}, tokens {(settings['image_size'] // f['patch_size']) ** 2} x "
         f"{settings['channels'] * f['patch_size'] ** 2} ({settings['image_size']}x{settings['image_size']}"
-        f"x{settings['channels']} images, patch {f['patch_size']}), classes {settings['num_classes']}")
+        f"x{settings['channels']} images, patch {f['patch_size']}), classes {settings['num_classes']}, "
+        f"{'non-volume-preserving (--nvp)' if settings['nvp'] else 'volume-preserving (--no-nvp)'}")
   print("flow config overrides:")
   print(tarflow.config_overrides(settings))
 

@@ -158,3 +158,25 @@ def test_converter_refuses_to_guess_the_layout():
   sd6 = ref.random_state_dict(np.random.default_rng(4), K, L, 6, C, T, NCLS)
   _, settings = tarflow.convert_state_dict(sd6, head_dim=HEAD_DIM)
   assert (settings["flow"]["patch_size"], settings["channels"]) == (1, 6)
+
+
+def test_volume_preserving_checkpoint():
+  """ml-tarflow --no-nvp: proj_out gives b only. Converted, it equals the nvp conversion of the
+  same weights with a = 0 (TarFlow's vp mode: scale 1, log-det 0); `var` maps to the prior."""
+  sd = ref.random_state_dict(np.random.default_rng(5), K, L, D, C, T, NCLS)
+  sd["var"] = np.random.default_rng(6).uniform(0.5, 2.0, (T, D))
+  vp = dict(sd)
+  for k in range(K):
+    for leaf in ("weight", "bias"):
+      name = f"blocks.{k}.proj_out.{leaf}"
+      vp[name] = sd[name][D:]                                   # b rows only
+      sd[name] = np.concatenate([np.zeros_like(sd[name][:D]), sd[name][D:]])  # a = 0
+  got, settings = tarflow.convert_state_dict(vp, head_dim=HEAD_DIM, patch_size=P)
+  want, want_settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, patch_size=P)
+  assert settings["nvp"] is False and want_settings["nvp"] is True
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  np.testing.assert_allclose(np.exp(2 * got["prior_log_std"]),
+                             tarflow.tarflow_tokens_to_ours(sd["var"], P, CH), rtol=1e-6)
+  vp["blocks.0.proj_out.weight"] = vp["blocks.0.proj_out.weight"][:5]
+  with pytest.raises(ValueError, match="proj_out has 5 outputs"):
+    tarflow.convert_state_dict(vp, head_dim=HEAD_DIM, patch_size=P)

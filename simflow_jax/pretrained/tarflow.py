@@ -14,6 +14,9 @@ The mapping, per block k (torch Linear weights are (out, in); ours kernels are (
   ...attention.proj (C, C)               -> attn/out kernel (H, Dh, C)
   ...mlp.norm, mlp.main.0, mlp.main.2    -> norm2, mlp/fc1, mlp/fc2
   var (T, D)                             -> prior_log_std = log(var) / 2
+A volume-preserving model (ml-tarflow's --no-nvp: proj_out gives b only) gets a = 0 rows in
+proj_out, which is the same map (scale 1, log-det 0); docs/flow.md says how `var` enters
+the likelihood in both modes.
 Layers come out stacked (L, ...) for the default scanned stack (flow.scan_layers=True).
 
 Token layout: TarFlow patchifies images with torch's unfold, so a token's D = c*p*p
@@ -92,6 +95,7 @@ def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
                        patch_size: Optional[int] = None, in_channels: Optional[int] = None) -> dict:
   """The model sizes read from the state dict's shapes: num_blocks, layers_per_block,
   channels (C), seq_len (T), token_dim (D), num_classes (0 = unconditional), mlp_ratio,
+  nvp (proj_out gives a and b; False: b only, ml-tarflow's --no-nvp),
   head_dim, patch_size, in_channels, img_size. The token width D = in_channels * patch_size^2
   fixes the image layout only when one (in_channels, patch_size) pair fits D and the values
   given: otherwise a ValueError lists the layouts that fit and the flags that choose one (the
@@ -129,7 +133,12 @@ def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
   side = _isqrt(seq_len)
   if side is None:
     raise ValueError(f"{seq_len} tokens are not a square grid of patches.")
-  return dict(num_blocks=len(blocks), layers_per_block=tuple(layers), channels=channels,
+  out_rows = sd["blocks.0.proj_out.weight"].shape[0]
+  if out_rows not in (token_dim, 2 * token_dim):
+    raise ValueError(f"proj_out has {out_rows} outputs: expected 2 x {token_dim} (TarFlow's default "
+                     f"--nvp, a and b) or {token_dim} (--no-nvp, b only).")
+  return dict(nvp=out_rows == 2 * token_dim, num_blocks=len(blocks), layers_per_block=tuple(layers),
+              channels=channels,
               seq_len=seq_len, token_dim=token_dim, num_classes=num_classes,
               mlp_ratio=hidden // channels, head_dim=head_dim, patch_size=patch_size,
               in_channels=in_channels, img_size=side * patch_size)
@@ -182,6 +191,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
     pre = f"blocks.{k}."
     w_out = np.asarray(sd[pre + "proj_out.weight"], np.float32)  # (2D, C): rows [a | b], TarFlow order
     b_out = np.asarray(sd[pre + "proj_out.bias"], np.float32)
+    if not arch["nvp"]:  # volume preserving (--nvp false): b only, a = 0 (scale 1, log-det 0)
+      w_out = np.concatenate([np.zeros_like(w_out), w_out])
+      b_out = np.concatenate([np.zeros_like(b_out), b_out])
     out_rows = np.concatenate([perm, d + perm])
     block = {
         "proj_in": {"kernel": np.asarray(sd[pre + "proj_in.weight"], np.float32).T[perm],  # (D, C)
@@ -200,7 +212,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
     raise ValueError("the state dict has no `var` buffer (the prior variance, (T, D)).")
   params["prior_log_std"] = (0.5 * np.log(np.asarray(sd["var"], np.float64)))[:, perm].astype(np.float32)
   settings = {"flow": flow_settings(arch), "image_size": arch["img_size"],
-              "channels": arch["in_channels"], "num_classes": arch["num_classes"]}
+              "channels": arch["in_channels"], "num_classes": arch["num_classes"], "nvp": arch["nvp"]}
   return params, settings
 
 
