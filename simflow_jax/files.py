@@ -100,8 +100,9 @@ def describe_tensorstore_error(e: BaseException):
 
 
 def check_writable_dir(path) -> None:
-  """Creates the folder `path` (and its parents) and writes and removes a probe file in it, so a
-  run fails at once with an UnwritableDirError naming the path, not after its first hours.
+  """Creates the folder `path` (and its parents), writes and removes a probe file in it, and
+  removes the folders it created, so a run fails at once with an UnwritableDirError naming the
+  path, not after its first hours, and a run refused later leaves no trace.
   Object-store paths (gs://...) are left to the store: nothing is probed there."""
   if not is_local(path):
     return
@@ -109,6 +110,11 @@ def check_writable_dir(path) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise UnwritableDirError(f"{path} is a file, not a directory: choose another --workdir or move "
                              "the file.")
+  created = []  # the folders made here, removed again after the probe: a check writes nothing
+  head = path
+  while not os.path.exists(head) and os.path.dirname(head) != head:
+    created.append(head)
+    head = os.path.dirname(head)
   try:
     os.makedirs(path, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe_")
@@ -118,6 +124,11 @@ def check_writable_dir(path) -> None:
     finally:
       os.close(fd)
       os.remove(probe)
+    for folder in created:
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break  # something else wrote there meanwhile: leave it
   except OSError as e:
     if e.errno == errno.ENOENT:  # a parent that cannot hold folders (/proc, a vanished mount)
       raise UnwritableDirError(f"Cannot create the folder {path}: {e.strerror} ({e.filename}); "

@@ -119,7 +119,10 @@ def test_os_error_messages():
 
 def test_check_writable_dir(tmp_path):
   files.check_writable_dir(tmp_path / "a" / "b")
-  assert (tmp_path / "a" / "b").is_dir() and not os.listdir(tmp_path / "a" / "b")  # probe removed
+  assert not (tmp_path / "a").exists()  # the folders it made and the probe are removed again
+  (tmp_path / "kept").mkdir()
+  files.check_writable_dir(tmp_path / "kept")
+  assert (tmp_path / "kept").is_dir() and not os.listdir(tmp_path / "kept")
   (tmp_path / "f").write_text("x")
   for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
     with pytest.raises(files.UnwritableDirError, match=str(tmp_path / "f")):
