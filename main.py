@@ -13,6 +13,11 @@ Exit codes: 0 done; 2 a user error (a misspelt or bad config field, a missing fi
 that does not fit the config): one line on stderr saying what to change, no traceback;
 130 / 143 training stopped by SIGINT / SIGTERM after saving a checkpoint (rerun to resume);
 1 a non-finite loss (one line) or a bug (with its traceback).
+A file-system error (a workdir that is a file or cannot be written, a read-only or full disk) is
+a user error: one line naming the path and what to do, exit 2; the workdir is probed before any
+mode starts. Multi-process runs (--num_processes, --process_id, --coordinator_address or
+JAX_COORDINATOR_ADDRESS) have their flags checked before JAX starts, and give up with one line
+after --distributed_timeout seconds when not every process joins.
 """
 import importlib
 import os
@@ -35,7 +40,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and outputs (
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "likelihood", "evaluate", "dry_run", "study"],
                           "What to run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-node GPU: total processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-node GPU: this process's index.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-node GPU: this process's index, "
+                                   "0 .. num_processes - 1 (0 runs the coordinator).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-node: HOST:PORT of process "
+                                   "0's coordinator (default: $JAX_COORDINATOR_ADDRESS).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-node: seconds to wait "
+                                            "for every process to join before giving up.")
 
 # mode -> (module, function(config, workdir))
 MODES = {
@@ -152,23 +162,115 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+def check_distributed_flags(num_processes, process_id, coordinator, timeout) -> None:
+  """The multi-process flags, checked before JAX starts: ValueError saying what to set."""
+  if timeout is not None and timeout < 1:
+    raise ValueError(f"--distributed_timeout={timeout}: give the seconds to wait for the other "
+                     "processes, >= 1.")
+  if num_processes is None:
+    if process_id is not None:
+      raise ValueError(f"--process_id={process_id} needs --num_processes (the total number of "
+                       "processes).")
+    return
+  if num_processes < 1:
+    raise ValueError(f"--num_processes={num_processes} must be >= 1.")
+  if process_id is None:
+    raise ValueError(f"--num_processes={num_processes} needs --process_id (this process's index, "
+                     f"0 .. {num_processes - 1}).")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} is outside [0, {num_processes}): give each of the "
+                     f"{num_processes} processes its own index 0 .. {num_processes - 1}.")
+  if not coordinator:
+    raise ValueError(f"--num_processes={num_processes} needs the coordinator's address: set "
+                     "--coordinator_address=HOST:PORT or JAX_COORDINATOR_ADDRESS=HOST:PORT (the host "
+                     "of process 0 and a free port, the same for every process).")
+
+
+def initialize_distributed(jax, sharding) -> None:
+  """jax.distributed.initialize for --num_processes (or a detected cluster), with a watchdog:
+  when the other processes do not all join within --distributed_timeout seconds, one line says
+  which coordinator this process waited on and for how long, and it exits 2 (JAX's own timeout
+  aborts the process with a C++ stack trace, which Python cannot catch)."""
+  import threading
+  import time
+  timeout = _DISTRIBUTED_TIMEOUT.value
+  coordinator = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  start = time.monotonic()
+  where = coordinator or "the cluster's coordinator (detected from the environment)"
+
+  def give_up():
+    _fail(f"Waited {time.monotonic() - start:.0f} s (--distributed_timeout={timeout}) on {where} "
+          f"for the other processes, but not all joined: start every process (each with its own "
+          f"--process_id) with the same --num_processes and coordinator address, check that process "
+          f"0's host and port can be reached, or raise --distributed_timeout.")
+
+  def watchdog():
+    if not done.wait(timeout):
+      try:
+        give_up()
+      except SystemExit:
+        os._exit(USAGE_EXIT)  # sys.exit in a thread ends only the thread
+
+  done = threading.Event()
+  threading.Thread(target=watchdog, daemon=True, name="distributed_timeout").start()
+  try:
+    if _NUM_PROCESSES.value is not None:
+      jax.distributed.initialize(coordinator_address=coordinator, num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value, initialization_timeout=timeout)
+    else:
+      sharding.maybe_initialize_distributed()
+  finally:
+    done.set()
+
+
+def check_workdir(workdir) -> None:
+  """Fails before any work when the workdir cannot be written (every mode writes there)."""
+  from simflow_jax import files
+  try:
+    files.check_writable_dir(workdir)
+  except files.UnwritableDirError as e:
+    _fail(e)
+
+
+def file_system_error(e: BaseException):
+  """The one-line message for an OSError a user can fix (not a directory, no permission,
+  read-only, disk full), wherever it was raised, or None (a bug keeps its traceback). Follows
+  the exception's causes: a checkpoint library may wrap the OSError of a failed write."""
+  from simflow_jax import files
+  if _is_user_error(e, (Exception,)):
+    return None  # our own message (raised while handling an OSError, say) says it better
+  seen = 0
+  while e is not None and seen < 8:
+    if isinstance(e, OSError) and e.errno in files.USER_ERRNOS:
+      return files.describe_os_error(e)
+    message = files.describe_tensorstore_error(e)  # orbax writes through tensorstore
+    if message:
+      return message
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_quiet_orbax)
+  try:
+    check_distributed_flags(_NUM_PROCESSES.value, _PROCESS_ID.value,
+                            _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                            _DISTRIBUTED_TIMEOUT.value)
+  except ValueError as e:
+    _fail(e)
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  check_workdir(workdir)
   import jax  # after flag parsing, so XLA_FLAGS from the environment apply
 
   from simflow_jax import sharding
   if _MODE.value != "dry_run":
-    if _NUM_PROCESSES.value is not None:
-      jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-    else:
-      sharding.maybe_initialize_distributed()
+    initialize_distributed(jax, sharding)
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   if "GLIBC_TUNABLES" in os.environ:  # simflow_jax/host_memory.py
     logging.info("GLIBC_TUNABLES=%s", os.environ["GLIBC_TUNABLES"])
-  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Mode %s, workdir %s", _MODE.value, workdir)
   module, fn = MODES[_MODE.value]
   try:
@@ -179,6 +281,9 @@ def main(argv):
       _fail(e, 128 + e.signum, prefix="")    # 130 SIGINT, 143 SIGTERM: rerun to resume
     if isinstance(e, train.NonFiniteLossError):
       _fail(e, 1)
+    message = file_system_error(e)  # a full disk, a read-only or unwritable path
+    if message:
+      _fail(message)
     # Bad config values, missing files, a checkpoint that does not fit or is corrupt.
     if not _is_user_error(e, (ValueError, OSError, checkpoint.CheckpointError)):
       raise

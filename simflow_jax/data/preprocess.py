@@ -2,6 +2,14 @@
 
 One job: turn a stored uint8 image into the model's input. Pure numpy + Pillow.
 
+Decoding a file of any bit depth or mode to 8-bit 'L' or 'RGB' (decode_8bit): 16-bit
+greyscale (modes I;16, I;16B, I;16L, and I, which is how a 16-bit PNG may open) is scaled to
+8 bits by the top byte (value >> 8, i.e. 65535 -> 255, never clipped); 1-bit and palette
+images are expanded; an alpha channel (LA, RGBA, PA, a palette or greyscale with a
+transparent colour) is composited on WHITE; CMYK and YCbCr are converted by Pillow. Float
+images (mode F), I values outside 0..65535 and modes Pillow cannot convert are refused
+with an UnsupportedImageError naming the file and its mode.
+
 Shapes: a stored uint8 image (H, W, C) -> center_crop_resize (guided-diffusion's
 `center_crop_arr`: BOX halvings, then BICUBIC to the short side, then the centre crop)
 -> uint8 (size, size, C) -> optional left-right flip -> to_float: float32 in [-1, 1]
@@ -9,6 +17,37 @@ Shapes: a stored uint8 image (H, W, C) -> center_crop_resize (guided-diffusion's
 """
 import numpy as np
 from PIL import Image
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+class UnsupportedImageError(ValueError):
+  """An image whose bit depth or mode is not handled; the message names the file and mode."""
+
+
+def decode_8bit(img: Image.Image, mode: str, path: str = "image") -> Image.Image:
+  """`img` (any Pillow mode) as an 8-bit image of `mode` ('L' or 'RGB'); see the module doc."""
+  source = img.mode
+  if source in _SIXTEEN_BIT:
+    values = np.asarray(img)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise UnsupportedImageError(
+          f"{path}: mode {source} holds values in [{values.min()}, {values.max()}], outside the "
+          "16-bit range 0..65535; save it as an 8- or 16-bit PNG or JPEG.")
+    img = Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
+  elif source == "F":
+    raise UnsupportedImageError(f"{path}: mode F (32-bit float) images are not supported; save it "
+                                "as an 8- or 16-bit PNG or JPEG.")
+  try:
+    if source in _ALPHA or "transparency" in img.info and source in ("P", "L", "RGB"):
+      rgba = img.convert("RGBA")
+      white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+      img = Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert(mode)
+  except ValueError as e:  # a mode Pillow cannot convert from (LAB, HSV, ...)
+    raise UnsupportedImageError(f"{path}: images of mode {source} cannot be converted to {mode} "
+                                f"({e}); save it as an RGB or greyscale PNG or JPEG.") from e
 
 
 def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:

@@ -11,6 +11,8 @@ dict(image=uint8 (H, W, C) at the stored size, label=int32 scalar).
                ImageFolder layout); labels are the sorted class folder names of
                the training split (`data.train_split`), so every split agrees.
                Split "validation" also finds a folder named "val".
+               Every bit depth and mode is decoded to 8 bits (preprocess.decode_8bit:
+               16-bit scaled by >> 8, alpha composited on white) or refused by name.
                A file Pillow cannot decode (truncated, not an image) is an
                UnreadableImageError naming it; with `data.skip_unreadable` the
                next readable file of the split stands in for it (the same one
@@ -33,7 +35,7 @@ from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from simflow_jax.data import mnist5k
+from simflow_jax.data import mnist5k, preprocess
 
 SOURCES = ("mnist5k", "imagefolder", "tfds", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -140,8 +142,11 @@ class ImageFolderSource:
   def _decode(self, index: int) -> np.ndarray:
     path = self.files[index]
     try:
-      with Image.open(path) as img:
-        return np.asarray(img.convert(self.mode))  # convert() decodes the whole file
+      with Image.open(path) as img:  # any bit depth or mode -> 8-bit L / RGB (preprocess.py)
+        return np.asarray(preprocess.decode_8bit(img, self.mode, path))
+    except preprocess.UnsupportedImageError as e:
+      raise UnreadableImageError(f"{e} Or set --config.data.skip_unreadable=True to skip such files "
+                                 "(counted in the log).") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise UnreadableImageError(
           f"Cannot read image {path} ({type(e).__name__}: {e}). Remove or replace the file, or set "

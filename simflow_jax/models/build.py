@@ -38,8 +38,99 @@ def _check_classes(name, classes, num_classes) -> None:
                      "guidance).")
 
 
+# ---- ranges: every numeric field where some values make no sense (issue 27) --------------
+# (field, lowest allowed, exclusive?, what the field means / what 0 does). The fields that
+# accept 0 say what 0 means; configs/base.py documents the same ranges.
+_LOWER_BOUNDS = (
+    ("data.image_size", 1, False, "image side in pixels"),
+    ("data.channels", 1, False, "image channels"),
+    ("data.worker_count", 0, False, "grain worker processes; 0 = in-process"),
+    ("vae.ch", 1, False, "VAE base channels"),
+    ("vae.num_res_blocks", 0, False, "residual blocks per VAE level"),
+    ("vae.z_channels", 1, False, "latent channels"),
+    ("vae.sigma_bar", 0, True, "the fixed posterior's std"),
+    ("disc.ch", 1, False, "discriminator base channels"),
+    ("disc.n_layers", 1, False, "discriminator layers"),
+    ("flow.patch_size", 1, False, "latent pixels per token side"),
+    ("flow.width", 1, False, "transformer width"),
+    ("flow.head_dim", 1, False, "attention head width"),
+    ("flow.mlp_ratio", 0, True, "MLP width / transformer width"),
+    ("flow.soft_clip", 0, True, "the softplus scale's clip c"),
+    ("loss.gan_start_step", 0, False, "step the adversarial term starts at"),
+    ("repa.layer", 1, False, "layer of repa.block whose output is aligned; layers count from 1"),
+    ("repa.proj_hidden", 1, False, "REPA projector hidden width"),
+    ("repa.w_flow", 0, False, "REPA weight towards the flow; 0 = none"),
+    ("repa.w_vae", 0, False, "REPA weight towards the VAE encoder; 0 = none"),
+    ("train.num_steps", 0, False, "training steps; 0 = none"),
+    ("train.log_every", 1, False, "steps between metric logs"),
+    ("train.ckpt_every", 1, False, "steps between checkpoints (one is always saved at the end)"),
+    ("train.keep_ckpts", 1, False, "checkpoints kept on disk; fewer than 1 would keep no model"),
+    ("train.sample_every", 0, False, "steps between sample grids; 0 = only at the end"),
+    ("optim.lr_vae", 0, False, "VAE learning rate"),
+    ("optim.lr_flow", 0, False, "flow learning rate"),
+    ("optim.lr_disc", 0, False, "discriminator learning rate"),
+    ("optim.eps", 0, True, "Adam epsilon"),
+    ("optim.weight_decay", 0, False, "AdamW weight decay; 0 = none"),
+    ("optim.warmup_steps", 0, False, "learning-rate warmup steps; 0 = none"),
+    ("optim.grad_clip", 0, False, "global gradient-norm clip; 0 = no clipping"),
+    ("mesh.fsdp", 1, False, "devices a parameter is split over; 1 = none"),
+    ("mesh.fsdp_min_size", 0, False, "parameters with fewer elements stay replicated"),
+    ("sample.batch_size", 1, False, "global batch per sampling step"),
+    ("eval.num_samples", 1, False, "samples generated per evaluation"),
+    ("eval.classifier_steps", 1, False, "digit classifier training steps"),
+    ("study.steps", 1, False, "total step budget of every study row"),
+    ("study.num_eval_examples", 0, False, "eval-split examples per evaluation; 0 = the whole split"),
+    ("study.workers", 1, False, "processes running row-seeds at once"),
+)
+# (field, low, high): low <= value < high.
+_HALF_OPEN = (
+    ("optim.b1", 0.0, 1.0, "Adam beta1"),
+    ("optim.b2", 0.0, 1.0, "Adam beta2"),
+    ("optim.ema_decay", 0.0, 1.0, "EMA decay per step; 0 = the EMA is the raw parameters"),
+)
+
+
+def _field(config, name):
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  return node
+
+
+def _check_ranges(config) -> None:
+  """Refuses numbers that would lose the model, divide by zero or mean nothing, before
+  anything runs: one message naming the field, its meaning and its valid range."""
+  for name, low, exclusive, meaning in _LOWER_BOUNDS:
+    value = _field(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"config.{name} must be a number ({meaning}), got {value!r}.")
+    if value < low or exclusive and value == low:
+      bound = f"> {low}" if exclusive else f">= {low}"
+      raise ValueError(f"config.{name} must be {bound} ({meaning}), got {value}.")
+  for name, low, high, meaning in _HALF_OPEN:
+    value = _field(config, name)
+    if not low <= value < high:
+      raise ValueError(f"config.{name} must be in [{low:g}, {high:g}) ({meaning}), got {value}.")
+  v, m, st = config.vae, config.mesh, config.study
+  if not v.ch_mult or any(not isinstance(k, int) or k < 1 for k in v.ch_mult):
+    raise ValueError(f"config.vae.ch_mult must be a non-empty tuple of channel multipliers >= 1, "
+                     f"got {v.ch_mult!r}.")
+  if m.data != -1 and m.data < 1:
+    raise ValueError(f"config.mesh.data must be >= 1 data-parallel devices, or -1 for all remaining "
+                     f"devices, got {m.data}.")
+  if any(x < 0 for x in config.eval.noise_sweep):
+    raise ValueError(f"config.eval.noise_sweep holds noise stds, which must be >= 0, got "
+                     f"{tuple(config.eval.noise_sweep)}.")
+  if not st.seeds:
+    raise ValueError("config.study.seeds must name at least one seed, e.g. --config.study.seeds='(0,)'.")
+  if not 0.0 < st.stage1_fraction < 1.0:
+    raise ValueError(f"config.study.stage1_fraction must be in (0, 1) (share of a two-stage row's "
+                     f"budget spent on the VAE alone), got {st.stage1_fraction}.")
+
+
 def validate_config(config) -> None:
   """Checks values a user can get wrong; errors say which field and what to set."""
+  _check_ranges(config)
   d, v, f, t, l, s = config.data, config.vae, config.flow, config.train, config.loss, config.sample
   _choice("train.freeze", t.freeze, FREEZE)
   _choice("vae.posterior", v.posterior, vae_lib.POSTERIORS)

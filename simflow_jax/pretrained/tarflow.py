@@ -14,6 +14,9 @@ The mapping, per block k (torch Linear weights are (out, in); ours kernels are (
   ...attention.proj (C, C)               -> attn/out kernel (H, Dh, C)
   ...mlp.norm, mlp.main.0, mlp.main.2    -> norm2, mlp/fc1, mlp/fc2
   var (T, D)                             -> prior_log_std = log(var) / 2
+A volume-preserving model (ml-tarflow's --no-nvp: proj_out gives b only) gets a = 0 rows in
+proj_out, which is the same map (scale 1, log-det 0); docs/flow.md says how `var` enters
+the likelihood in both modes.
 Layers come out stacked (L, ...) for the default scanned stack (flow.scan_layers=True).
 
 Token layout: TarFlow patchifies images with torch's unfold, so a token's D = c*p*p
@@ -71,12 +74,32 @@ def _isqrt(n: int) -> Optional[int]:
   return r if r * r == n else None
 
 
+def token_layouts(token_dim: int, *, patch_size: Optional[int] = None,
+                  in_channels: Optional[int] = None) -> list[tuple[int, int]]:
+  """Every (in_channels, patch_size) with in_channels * patch_size^2 = token_dim that agrees
+  with the values given (None = any), by decreasing patch size."""
+  found = []
+  for p in range(math.isqrt(token_dim), 0, -1):
+    if token_dim % (p * p) == 0:
+      c = token_dim // (p * p)
+      if (patch_size is None or p == patch_size) and (in_channels is None or c == in_channels):
+        found.append((c, p))
+  return found
+
+
+def _layout_list(layouts) -> str:
+  return ", ".join(f"{c}x({p}x{p})" for c, p in layouts)
+
+
 def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
                        patch_size: Optional[int] = None, in_channels: Optional[int] = None) -> dict:
   """The model sizes read from the state dict's shapes: num_blocks, layers_per_block,
   channels (C), seq_len (T), token_dim (D), num_classes (0 = unconditional), mlp_ratio,
-  head_dim, patch_size, in_channels, img_size. D = in_channels * patch_size^2 needs one
-  of the two; without either, in_channels 3 (RGB) then 1 are tried."""
+  nvp (proj_out gives a and b; False: b only, ml-tarflow's --no-nvp),
+  head_dim, patch_size, in_channels, img_size. The token width D = in_channels * patch_size^2
+  fixes the image layout only when one (in_channels, patch_size) pair fits D and the values
+  given: otherwise a ValueError lists the layouts that fit and the flags that choose one (the
+  converter never guesses: a wrong guess reads the images in the wrong layout, silently)."""
   blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.proj_in\.weight$", k))})
   if not blocks or blocks != list(range(len(blocks))):
     raise ValueError("not an ml-tarflow state dict: expected keys blocks.0.proj_in.weight, "
@@ -93,26 +116,29 @@ def infer_architecture(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
   if channels % head_dim:
     raise ValueError(f"width {channels} is not a multiple of head_dim={head_dim}: pass the model's "
                      "--head_dim (ml-tarflow's Model uses 64).")
-  if patch_size is None:
-    candidates = [in_channels] if in_channels else [3, 1]
-    for c in candidates:
-      p = _isqrt(token_dim // c) if token_dim % c == 0 else None
-      if p:
-        patch_size, in_channels = p, c
-        break
-    else:
-      raise ValueError(f"token dim {token_dim} is not in_channels * patch_size^2 for in_channels in "
-                       f"{candidates}: pass --patch_size and --in_channels.")
-  if token_dim % (patch_size * patch_size):
-    raise ValueError(f"token dim {token_dim} is not a multiple of patch_size^2 = {patch_size ** 2}.")
-  if in_channels is None:
-    in_channels = token_dim // (patch_size * patch_size)
-  if in_channels * patch_size * patch_size != token_dim:
-    raise ValueError(f"in_channels={in_channels} * patch_size={patch_size}^2 != token dim {token_dim}.")
+  layouts = token_layouts(token_dim, patch_size=patch_size, in_channels=in_channels)
+  if not layouts:
+    given = " ".join(f"--{n}={v}" for n, v in (("patch_size", patch_size), ("in_channels", in_channels))
+                     if v is not None)
+    raise ValueError(f"{given}: the checkpoint's tokens have {token_dim} features, which is not "
+                     f"in_channels * patch_size^2 for these values; the layouts that fit are "
+                     f"{_layout_list(token_layouts(token_dim))}.")
+  if len(layouts) > 1:
+    raise ValueError(f"the checkpoint's tokens have {token_dim} features, which fits "
+                     f"{len(layouts)} image layouts in_channels x (patch_size x patch_size): "
+                     f"{_layout_list(layouts)}; the state dict does not say which: pass the model's "
+                     "--patch_size (ml-tarflow's --patch_size) and/or --in_channels (3 for RGB pixels, "
+                     "the latent's channels for a latent model).")
+  in_channels, patch_size = layouts[0]
   side = _isqrt(seq_len)
   if side is None:
     raise ValueError(f"{seq_len} tokens are not a square grid of patches.")
-  return dict(num_blocks=len(blocks), layers_per_block=tuple(layers), channels=channels,
+  out_rows = sd["blocks.0.proj_out.weight"].shape[0]
+  if out_rows not in (token_dim, 2 * token_dim):
+    raise ValueError(f"proj_out has {out_rows} outputs: expected 2 x {token_dim} (TarFlow's default "
+                     f"--nvp, a and b) or {token_dim} (--no-nvp, b only).")
+  return dict(nvp=out_rows == 2 * token_dim, num_blocks=len(blocks), layers_per_block=tuple(layers),
+              channels=channels,
               seq_len=seq_len, token_dim=token_dim, num_classes=num_classes,
               mlp_ratio=hidden // channels, head_dim=head_dim, patch_size=patch_size,
               in_channels=in_channels, img_size=side * patch_size)
@@ -165,6 +191,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
     pre = f"blocks.{k}."
     w_out = np.asarray(sd[pre + "proj_out.weight"], np.float32)  # (2D, C): rows [a | b], TarFlow order
     b_out = np.asarray(sd[pre + "proj_out.bias"], np.float32)
+    if not arch["nvp"]:  # volume preserving (--nvp false): b only, a = 0 (scale 1, log-det 0)
+      w_out = np.concatenate([np.zeros_like(w_out), w_out])
+      b_out = np.concatenate([np.zeros_like(b_out), b_out])
     out_rows = np.concatenate([perm, d + perm])
     block = {
         "proj_in": {"kernel": np.asarray(sd[pre + "proj_in.weight"], np.float32).T[perm],  # (D, C)
@@ -183,7 +212,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], *, head_dim: int = 64,
     raise ValueError("the state dict has no `var` buffer (the prior variance, (T, D)).")
   params["prior_log_std"] = (0.5 * np.log(np.asarray(sd["var"], np.float64)))[:, perm].astype(np.float32)
   settings = {"flow": flow_settings(arch), "image_size": arch["img_size"],
-              "channels": arch["in_channels"], "num_classes": arch["num_classes"]}
+              "channels": arch["in_channels"], "num_classes": arch["num_classes"], "nvp": arch["nvp"]}
   return params, settings
 
 
