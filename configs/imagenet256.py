@@ -5,7 +5,7 @@ Launch (a v5p-64 slice, data built with scripts/build_array_record.py into a buc
       --config.data.path=gs://BUCKET/tfds
   (launch/README.md starts it on every TPU worker and restarts it after preemption.)
 Variants: configs/imagenet256.py:learned_variance (and the others in configs/variants.py).
-Price it first: DRY_RUN_DEVICES=64 python main.py --config=configs/imagenet256.py --mode=dry_run
+Price it first: python main.py --config=configs/imagenet256.py --mode=dry_run --config.dry_run.devices=64
 
 Expected (paper, 50k samples vs the ADM reference batch): gFID 2.15 (SimFlow),
 1.91 with REPA-E (configs/imagenet256_repae.py); STARFlow 2.40.
@@ -47,9 +47,9 @@ def get_config(arg: str = ""):
   c.train.num_steps = 400_000
   c.train.log_every, c.train.ckpt_every, c.train.sample_every = 100, 5000, 20000
   c.train.keep_ckpts = 3
-  c.train.grid_classes = (88, 207, 279, 360, 387, 417, 812, 980)
 
   c.sample.guidance, c.sample.guidance_rule = 2.0, "linear"
   c.sample.batch_size, c.sample.num_samples = 256, 50_000
-  c.eval.num_samples = 50_000
+  c.sample.classes = (88, 207, 279, 360, 387, 417, 812, 980)
+  c.evals.generation.num_samples = 50_000
   return base.lock(variants.apply_variant(c, arg))

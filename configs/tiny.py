@@ -1,4 +1,4 @@
-"""A seconds-long smoke preset (tests and `--mode` checks): 16 steps on digits, tiny models."""
+"""A seconds-long smoke preset (tests and `--mode` checks): 4 steps on digits, tiny models."""
 from configs import base, variants
 
 
@@ -15,6 +15,6 @@ def get_config(arg: str = ""):
   c.train.async_ckpt = False
   c.train.grid_per_class = 2
   c.sample.batch_size = 8
-  c.eval.num_samples = 16
+  c.evals.generation.num_samples = 16
   c.eval.classifier_steps = 20
   return base.lock(variants.apply_variant(c, arg))
