@@ -214,7 +214,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # A preset replaces c.evals to declare another set; fields left out take EVAL_TYPES' defaults.
   c.evals = ml_collections.ConfigDict({name: evaluator(name) for name in EVAL_TYPES})
 
-  # ---- the variant study (simflow_jax/study.py; configs/study_digits.py) -------------
+  # ---- the variant study (simflow_jax/commands/study/; configs/study_digits.py) ------
   c.study = st = ml_collections.ConfigDict()
   st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
   st.seeds = (0, 1, 2)
