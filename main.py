@@ -49,12 +49,12 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-n
 
 # mode -> (module, function(config, workdir))
 MODES = {
-    "train": ("simflow_jax.train", "train_and_evaluate"),
-    "sample": ("simflow_jax.export", "run"),
-    "likelihood": ("simflow_jax.likelihood", "run"),
-    "evaluate": ("simflow_jax.evaluate", "run"),
-    "dry_run": ("simflow_jax.dry_run", "run"),
-    "study": ("simflow_jax.study", "run"),
+    "train": ("simflow_jax.commands.train", "run"),
+    "sample": ("simflow_jax.commands.sample", "run"),
+    "likelihood": ("simflow_jax.commands.likelihood", "run"),
+    "evaluate": ("simflow_jax.commands.evaluate", "run"),
+    "dry_run": ("simflow_jax.commands.dry_run", "run"),
+    "study": ("simflow_jax.commands.study", "run"),
 }
 USAGE_EXIT = 2
 
@@ -276,10 +276,10 @@ def main(argv):
   try:
     result = getattr(importlib.import_module(module), fn)(_CONFIG.value, workdir)
   except Exception as e:  # noqa: BLE001 - only the project's user-facing errors end here
-    from simflow_jax import checkpoint, train
-    if isinstance(e, train.Interrupted):
+    from simflow_jax import checkpoint, errors
+    if isinstance(e, errors.Interrupted):
       _fail(e, 128 + e.signum, prefix="")    # 130 SIGINT, 143 SIGTERM: rerun to resume
-    if isinstance(e, train.NonFiniteLossError):
+    if isinstance(e, errors.NonFiniteLossError):
       _fail(e, 1)
     message = file_system_error(e)  # a full disk, a read-only or unwritable path
     if message:

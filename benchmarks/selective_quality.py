@@ -32,8 +32,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
-from simflow_jax import checkpoint, evaluate, sample, sharding
-from simflow_jax.evals import evaluators
+from simflow_jax import checkpoint, sample, sharding
+from simflow_jax.evals import context, evaluators
 from simflow_jax.models import build, inverse as inverse_lib, vae as vae_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", f"{common.ROOT}/configs/demo.py",
@@ -61,6 +61,7 @@ def main(argv):
   entries = sorted([(e, *parse_method(e)) for e in _METHODS.value], key=lambda e: e[1] != "cached")
   if entries[0][1] != "cached":
     raise app.UsageError("--methods needs a 'cached' entry: the reference for speed and tokens.")
+  build.validate_config(config)
   models = build.build_models(config)
   evaluator = evaluators.make_evaluator(config, _WORKDIR.value)
   if not isinstance(evaluator, evaluators.DigitEvaluator):
@@ -69,8 +70,9 @@ def main(argv):
   params = jax.device_put(checkpoint.load_params(_WORKDIR.value, config, use_ema=True))
   step = checkpoint.Checkpointer(_WORKDIR.value, config, read_only=True).latest_step()
   mesh = sharding.make_mesh(config.mesh)
-  real_pool = evaluator.features(evaluate._eval_images(config, mesh, _NUM_REAL.value))["pool"]  # noqa: SLF001
-  labels = evaluate.class_balanced_labels(_NUM_SAMPLES.value, models.num_classes)
+  ctx = context.Context(config=config, models=models, mesh=mesh, workdir=_WORKDIR.value)
+  real_pool = evaluator.features(context.first_images(ctx, _NUM_REAL.value))["pool"]
+  labels = context.class_balanced_labels(_NUM_SAMPLES.value, models.num_classes)
   batch = config.sample.batch_size
   batches = [labels[i:i + batch] for i in range(0, len(labels), batch)]
 

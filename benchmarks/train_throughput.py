@@ -4,11 +4,11 @@
   python benchmarks/train_throughput.py --configs=mid --steps=20 --batch=128
 
 Prints one JSON object: {"machine": {...}, "results": {CONFIG: {...}}}. Per config:
-  trace_lower_s, compile_s   building the real step (the one simflow_jax.train runs:
+  trace_lower_s, compile_s   building the real step (the one simflow_jax.trainer runs:
                              sharded, state-donating) for the config's global batch
   step_time_s_{median,mean,min}, images_per_s (median step)
   flops_per_step             XLA cost analysis of the lowered step, layers unrolled
-                             (simflow_jax.dry_run.step_flops)
+                             (simflow_jax.step_cost.step_flops)
   achieved_flops_per_s       flops_per_step / median step time
   matmul                     the matmul peak on the same devices, measured in this
                              process right after the steps (benchmarks/common.py)
@@ -46,7 +46,7 @@ import optax
 from absl import app, flags
 
 import common  # benchmarks/common.py (benchmarks/ is on sys.path when run as a file)
-from simflow_jax import dry_run, sharding
+from simflow_jax import sharding, step_cost, steps
 
 _CONFIGS = flags.DEFINE_list("configs", ["demo", "tarflow256"],
                              f"Benchmark configs: {common.CONFIGS + tuple(common.FLOW_CONFIGS)}.")
@@ -86,7 +86,7 @@ def bench_config(name: str) -> dict:
   mesh = sharding.make_mesh(config.mesh, devs)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
-    spec = dry_run.build_step(config, mesh)
+    spec = steps.build_step(config, mesh)
     lowered = spec.fn.lower(spec.state, spec.batch, spec.frozen)
     t_lower = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -103,13 +103,13 @@ def bench_config(name: str) -> dict:
 
     common.timed(one_step, _WARMUP.value)
     times, cpu = common.timed(one_step, _STEPS.value)
-    flops = dry_run.step_flops(config, mesh)
+    flops = step_cost.step_flops(config, mesh)
   peak = common.matmul_peak(devs, _MATMUL_SIZE.value, _MATMUL_REPS.value)
   median, median_cpu = statistics.median(times), statistics.median(cpu)
   achieved = flops / median
   b = config.data.batch_size
   return {"global_batch": b, "devices": len(devs), "steps": len(times),
-          "params": dry_run.param_counts(spec.state.params)["total"],
+          "params": step_cost.param_counts(spec.state.params)["total"],
           "trace_lower_s": t_lower, "compile_s": t_compile,
           "step_time_s_median": median, "step_time_s_mean": statistics.fmean(times),
           "step_time_s_min": min(times), "images_per_s": b / median,

@@ -6,6 +6,54 @@ silently ignored setting. Fields the SimFlow paper leaves open are marked OPEN.
 """
 import ml_collections
 
+# Where a field matters, marked once here; the code that needs such a list reads it from here.
+# Fields (or whole sections) that shape the parameters or change what the train state means:
+# the checkpoint's fingerprint covers them.
+PARAMETER_FIELDS = ("data.image_size", "data.channels", "data.num_classes", "vae", "flow", "disc",
+                    "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan",
+                    "train.freeze")
+# Compute dtypes: in the fingerprint (a resumed run keeps its numerics), not part of which VAE a
+# run holds (a VAE trained in one dtype initialises a run in another).
+DTYPE_FIELDS = ("vae.dtype", "flow.dtype")
+# Settings that change neither the parameters nor the results, only the speed: not fingerprinted.
+SPEED_FIELDS = ("flow.scan_unroll",)
+# The TarFlow options: left out of the fingerprint while they hold their defaults, so checkpoints
+# written before these options existed still resume.
+FINGERPRINT_AT_DEFAULT_OMITTED = ("flow.shift_side", "flow.final_norm", "flow.ln_eps", "flow.gelu",
+                                  "flow.null_class", "flow.prior_std")
+# sample.* fields that decide the samples (with the seed, the counts and the checkpoint step).
+SAMPLER_FIELDS = ("sample.temperature", "sample.guidance", "sample.guidance_rule",
+                  "sample.guidance_schedule", "sample.guidance_blocks", "sample.inverse",
+                  "sample.jacobi_chunk", "sample.jacobi_threshold", "sample.jacobi_max_iters")
+
+# Evaluator types and their fields with defaults (simflow_jax/evals/declared.py builds them).
+# Every type has every_steps (0 = only in --mode=evaluate / likelihood; N = also every N training
+# steps, logged as eval/NAME/metric) and num_examples (eval-split examples; 0 = the whole split).
+_COMMON = {"every_steps": 0, "num_examples": 0}
+EVAL_TYPES = {
+    # metrics: auto (Inception with eval.inception_weights, else the digit classifier on the
+    # embedded digits, else skipped with a note) | inception | digits. guidance < 0: sample.guidance.
+    "generation": {**_COMMON, "num_samples": 1000, "metrics": "auto", "guidance": -1.0},
+    "reconstruction": dict(_COMMON),
+    "likelihood": dict(_COMMON),
+    "latent_stats": {**_COMMON, "max_examples": 10_000},
+    # PSNR (and LPIPS when lpips) of decode(mu + s eps) for s in noise_sweep, on num_images images.
+    "robustness": {**_COMMON, "noise_sweep": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), "lpips": True,
+                   "num_images": 64},
+    "interpolation": {**_COMMON, "num_images": 64, "num_pairs": 4, "num_frames": 8},
+}
+
+
+def evaluator(type_: str, **fields) -> ml_collections.ConfigDict:
+  """One evaluator entry: its type's defaults, then `fields` (unknown ones are an error)."""
+  if type_ not in EVAL_TYPES:
+    raise ValueError(f"evaluator type {type_!r} is not one of {tuple(EVAL_TYPES)}.")
+  unknown = sorted(set(fields) - set(EVAL_TYPES[type_]))
+  if unknown:
+    raise ValueError(f"{unknown} are not fields of evaluator type {type_!r} "
+                     f"(its fields: {tuple(EVAL_TYPES[type_])}).")
+  return ml_collections.ConfigDict({"type": type_, **EVAL_TYPES[type_], **fields})
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -108,11 +156,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.log_every = 50            # >= 1 steps between metric logs
   t.ckpt_every = 500          # >= 1 steps between checkpoints (one is also saved at the end)
   t.keep_ckpts = 3            # >= 1 checkpoints kept on disk (0 would keep no model)
-  t.sample_every = 0          # >= 0; 0 = only at the end
-  t.eval_every = 0            # >= 0; 0 = never
+  t.sample_every = 0          # >= 0; 0 = only at the end (evaluators: evals.NAME.every_steps)
   t.async_ckpt = True
-  t.grid_classes = ()         # classes shown in sample grids (empty = all, up to 10)
-  t.grid_per_class = 8
+  t.grid_per_class = 8        # grid columns; the rows are sample.classes
 
   # ---- optimiser; paper values are OPEN ----------------------------------------------
   c.optim = o = ml_collections.ConfigDict()
@@ -152,31 +198,46 @@ def get_base_config() -> ml_collections.ConfigDict:
                                # per token, more to compile; same samples for any value)
   s.batch_size = 64            # >= 1, the global batch per sampling step
   s.num_samples = 0            # .npz export count (0 = none)
-  s.classes = ()               # grid classes (empty = all up to 10)
-  s.use_ema = True
+  s.classes = ()               # grid rows, in training and --mode=sample (empty = all up to 10)
+  s.use_ema = True             # EMA parameters (else the raw ones) in every mode that restores them
 
-  # ---- evaluation (docs/evaluation.md) -----------------------------------------------
+  # ---- evaluation: weights shared by the evaluators (docs/evaluation.md) ---------------
   c.eval = e = ml_collections.ConfigDict()
-  e.num_samples = 1000         # >= 1
   e.inception_weights = ""     # converted FID Inception weights (scripts/convert_inception.py)
   e.ref_stats = ""             # ADM reference batch .npz or a stats .npz
-  e.noise_sweep = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-  e.robustness_lpips = True    # LPIPS beside PSNR on the noise-robustness curve (VGG16: slow on CPU)
   e.classifier_steps = 600     # digit classifier (CPU metric) training steps
   e.classifier_dir = ""        # where the digit classifier is cached ("" = WORKDIR/eval/digit_classifier)
 
-  # ---- the variant study (simflow_jax/study.py; configs/study_digits.py) -------------
+  # ---- evaluators (simflow_jax/evals/declared.py): NAME -> one evaluator ------------------
+  # --mode=evaluate runs them all into WORKDIR/eval/report.json ({NAME: {metric: value}}),
+  # --mode=likelihood those of type likelihood, training those with every_steps > 0 when due.
+  # A preset replaces c.evals to declare another set; fields left out take EVAL_TYPES' defaults.
+  c.evals = ml_collections.ConfigDict({name: evaluator(name) for name in EVAL_TYPES})
+
+  # ---- the variant study (simflow_jax/commands/study/; configs/study_digits.py) ------
   c.study = st = ml_collections.ConfigDict()
   st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
   st.seeds = (0, 1, 2)
   st.steps = 1200              # >= 1, total step budget of every row (a stage-1 VAE's steps count)
   st.stage1_fraction = 0.5     # in (0, 1); two-stage rows: share of the budget spent on the VAE alone
   st.num_eval_examples = 500   # eval-split examples per evaluation (0 = the whole split)
-  st.quick = False             # a ~10-minute version: fewer steps, one seed, fewer samples
+  st.quick = False             # a short version: steps, seeds, num_eval_examples, the generation
+                               # evaluators' num_samples and empty rows become the quick_* below
+                               # (the study logs each value it replaces)
+  st.quick_steps = 300
+  st.quick_seeds = (0,)
+  st.quick_num_eval_examples = 300
+  st.quick_num_samples = 300
+  st.quick_rows = ("frozen_vae_fixed", "end_to_end_noise", "simflow")
   st.workers = 1               # processes running row-seeds at once (each its own jax runtime)
   # Added to each worker's XLA_FLAGS (workers > 1): one XLA CPU thread per worker, so workers on
   # as many cores do not contend (on 2 cores: 2 workers 1.7x one process's throughput).
   st.worker_xla_flags = "--xla_cpu_multi_thread_eigen=false"
+
+  # ---- dry run (--mode=dry_run) ------------------------------------------------------
+  c.dry_run = dr = ml_collections.ConfigDict()
+  dr.devices = 0               # mesh size priced; 0 = the local devices; more are simulated CPUs
+  dr.mfu = 0.4                 # assumed model FLOP utilisation of the cost estimates
 
   return c
 

@@ -39,5 +39,5 @@ def get_config(arg: str = ""):
 
   c.sample.guidance = 1.0
   c.sample.batch_size = 100
-  c.eval.num_samples = 1000
+  c.evals.generation.num_samples = 1000
   return base.lock(variants.apply_variant(c, arg))

@@ -47,9 +47,9 @@ def get_config(arg: str = ""):
   c.train.num_steps = 400_000
   c.train.log_every, c.train.ckpt_every, c.train.sample_every = 100, 5000, 20000
   c.train.keep_ckpts = 3
-  c.train.grid_classes = (88, 207, 279, 360, 387, 417, 812, 980)
 
   c.sample.guidance, c.sample.guidance_rule = 2.0, "linear"
   c.sample.batch_size, c.sample.num_samples = 256, 50_000
-  c.eval.num_samples = 50_000
+  c.sample.classes = (88, 207, 279, 360, 387, 417, 812, 980)
+  c.evals.generation.num_samples = 50_000
   return base.lock(variants.apply_variant(c, arg))

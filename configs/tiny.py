@@ -15,6 +15,6 @@ def get_config(arg: str = ""):
   c.train.async_ckpt = False
   c.train.grid_per_class = 2
   c.sample.batch_size = 8
-  c.eval.num_samples = 16
+  c.evals.generation.num_samples = 16
   c.eval.classifier_steps = 20
   return base.lock(variants.apply_variant(c, arg))

@@ -8,7 +8,7 @@ A preset is a handful of plain config fields, never a name the code compares:
   train.vae_checkpoint the run a frozen VAE / encoder comes from (set by the user or the study)
 Use as a config argument: `--config=configs/demo.py:learned_variance`.
 
-ROWS are the study's rows (simflow_jax/study.py): a preset, the stage-1 preset of a
+ROWS are the study's rows (simflow_jax/commands/study/): a preset, the stage-1 preset of a
 two-stage row (its VAE trained alone first), and the paper's numbers
 (ImageNet 256, Fig. 5: rFID, PSNR, gFID without guidance) where the paper has the row.
 """

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from configs import base
 from simflow_jax.models import build
 
 
@@ -22,31 +23,28 @@ class CheckpointError(RuntimeError):
   pass
 
 
-# Fields that change parameter shapes or the meaning of the state.
-_SHAPING = ("data.image_size", "data.channels", "data.num_classes", "vae", "flow", "disc",
-            "repa.enabled", "repa.encoder", "repa.proj_hidden", "loss.w_gan", "train.freeze")
+_BASE = base.get_base_config()
 
 
-# Flow options added after checkpoints were first written (the TarFlow options): left out
-# of the fingerprint while they hold these values (today's behaviour), so those checkpoints
-# still resume.
-_FLOW_ADDED = {"shift_side": "input", "final_norm": True, "ln_eps": 1e-6, "gelu": "tanh",
-               "null_class": "learned", "prior_std": False}
-
-
-# Flow settings that change neither the parameters nor the results, only the speed.
-_FLOW_SPEED = ("scan_unroll",)
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def fingerprint(config) -> dict:
+  """The config's PARAMETER_FIELDS (configs/base.py), less its SPEED_FIELDS and the
+  FINGERPRINT_AT_DEFAULT_OMITTED fields that hold their defaults."""
   out = {}
-  for key in _SHAPING:
-    node = config
-    for part in key.split("."):
-      node = node[part]
+  for key in base.PARAMETER_FIELDS:
+    node = _get(config, key)
     out[key] = node.to_dict() if hasattr(node, "to_dict") else node
-  out["flow"] = {k: v for k, v in out["flow"].items()
-                 if k not in _FLOW_SPEED and not (k in _FLOW_ADDED and v == _FLOW_ADDED[k])}
+  for dotted in base.SPEED_FIELDS + base.FINGERPRINT_AT_DEFAULT_OMITTED:
+    section, field = dotted.rsplit(".", 1)
+    if isinstance(out.get(section), dict) and field in out[section]:
+      if dotted in base.SPEED_FIELDS or out[section][field] == _get(_BASE, dotted):
+        del out[section][field]
   return json.loads(json.dumps(out, default=list, sort_keys=True))
 
 
@@ -124,10 +122,19 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir: str, config, use_ema: bool = True) -> dict:
-  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint (EMA by
-  default) on this process's first device, whatever device count wrote it. Clear errors
-  when there is none."""
+def latest_step(workdir: str, config) -> int:
+  """The step of WORKDIR's latest checkpoint (read-only; the caller has loaded it)."""
+  ckpt = Checkpointer(workdir, config, read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return int(step)
+
+
+def load_params(workdir: str, config, use_ema: Optional[bool] = None) -> dict:
+  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint on this
+  process's first device, whatever device count wrote it: the EMA ones when `use_ema`
+  (None: config.sample.use_ema), else the raw ones. Clear errors when there is none."""
+  use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
   path = epath.Path(workdir) / "checkpoints"
   if not path.exists():
     raise FileNotFoundError(f"No checkpoints in {path}: train first with "

@@ -50,6 +50,11 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array              # raw key data (uint32); the step's key is fold_in(rng, step)
 
 
+def flow_noise_std(config) -> float:
+  """The extra Gaussian noise on the flow's input in training (loss.flow_noise_std)."""
+  return float(config.loss.flow_noise_std)
+
+
 def create_train_state(models: build.Models, config, tx, rng) -> TrainState:
   k_init, k_train = jax.random.split(rng)
   params = build.init_params(models, k_init)

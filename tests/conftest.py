@@ -78,13 +78,13 @@ def tiny_trained(tmp_path_factory, worker_id) -> str:
   the other then finds it there. Tests read it (or copy it); none changes its checkpoints."""
   import filelock
   from configs import tiny
-  from simflow_jax import train
+  from simflow_jax.commands import train
   root = tmp_path_factory.getbasetemp()
   if worker_id != "master":  # xdist: the workers' folders share this parent
     root = root.parent
   workdir = root / "tiny_trained"
   with filelock.FileLock(str(root / "tiny_trained.lock")):
     if not (workdir / "TRAINED").exists():
-      train.train_and_evaluate(tiny.get_config(), str(workdir))
+      train.run(tiny.get_config(), str(workdir))
       (workdir / "TRAINED").write_text("")
   return str(workdir)

@@ -21,7 +21,6 @@ REFUSED = [
     ("train.log_every", 0, ">= 1"),
     ("train.num_steps", -5, ">= 0"),
     ("train.sample_every", -1, ">= 0"),
-    ("train.eval_every", -1, ">= 0"),
     ("train.grid_per_class", 0, ">= 1"),
     ("data.batch_size", 0, ">= 1"),
     ("data.image_size", 0, ">= 1"),
@@ -33,9 +32,7 @@ REFUSED = [
     ("sample.jacobi_max_iters", -2, ">= 0"),
     ("sample.kv_windows", 0, ">= 1"),
     ("sample.temperature", 0.0, "> 0"),
-    ("eval.num_samples", 0, ">= 1"),
     ("eval.classifier_steps", 0, ">= 1"),
-    ("eval.noise_sweep", (0.0, -1.0), ">= 0"),
     ("optim.warmup_steps", -1, ">= 0"),
     ("optim.ema_decay", 1.0, "[0, 1)"),
     ("optim.ema_decay", -0.1, "[0, 1)"),
@@ -61,7 +58,7 @@ REFUSED = [
 
 # Values at the edge that mean something ("off", "none", "all") and must stay allowed.
 ALLOWED = [
-    ("train.num_steps", 0), ("train.sample_every", 0), ("train.eval_every", 0),
+    ("train.num_steps", 0), ("train.sample_every", 0),
     ("sample.num_samples", 0), ("sample.jacobi_chunk", 0), ("sample.jacobi_max_iters", 0),
     ("optim.warmup_steps", 0), ("optim.grad_clip", 0.0), ("optim.weight_decay", 0.0),
     ("optim.ema_decay", 0.0), ("data.worker_count", 0), ("study.num_eval_examples", 0),

@@ -99,7 +99,6 @@ CONFIG_ERRORS = [
     ({"train.freeze": "flow", "repa.enabled": True}, "set --config.repa.enabled=False"),
     ({"train.num_steps": -1}, "config.train.num_steps >= 0"),
     ({"train.grid_per_class": 0}, "config.train.grid_per_class must be >= 1"),
-    ({"train.eval_every": -1}, "config.train.eval_every must be >= 0"),
     ({"vae.posterior": "gaussian"}, "config.vae.posterior='gaussian' is not one of"),
     ({"vae.sigma_bar": 0.0}, "config.vae.sigma_bar must be > 0"),
     ({"data.source": "cifar"}, "config.data.source='cifar' is not one of"),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from simflow_jax import dry_run, sharding
+from simflow_jax import sharding, step_cost, steps
+from simflow_jax.commands import dry_run
 from simflow_jax.models import build, layers
 from simflow_jax.pretrained import dinov2, lpips
 
@@ -14,9 +15,9 @@ from simflow_jax.pretrained import dinov2, lpips
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("dry_run")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("DRY_RUN_DEVICES", "2")
-    out = dry_run.run(tiny.get_config(), str(workdir))
+  config = tiny.get_config()
+  config.dry_run.devices = 2
+  out = dry_run.run(config, str(workdir))
   with open(workdir / "dry_run.json") as f:
     assert json.load(f) == json.loads(json.dumps(out)), "dry_run.json must hold the returned dict"
   return out
@@ -58,10 +59,10 @@ def test_flops_memory_timing_and_estimates(result):
   assert c["alias"] >= m["state_per_device_bytes"]["params"], "the state is donated"
   assert t["trace_and_lower"] > 0 and t["compile"] > 0 and t["compile_cpu"] > 0
   est = result["estimates"]
-  assert est["chips"] == 2 and set(est["per_chip"]) == set(dry_run.REFERENCE_CHIPS)
+  assert est["chips"] == 2 and set(est["per_chip"]) == set(step_cost.REFERENCE_CHIPS)
   for chip, e in est["per_chip"].items():
     # Compute-bound at the assumed utilisation, on as many chips as the mesh has devices.
-    chip_flops = est["chips"] * dry_run.REFERENCE_CHIPS[chip].peak_flops * est["mfu"]
+    chip_flops = est["chips"] * step_cost.REFERENCE_CHIPS[chip].peak_flops * est["mfu"]
     assert e["step_time_s"] * chip_flops == pytest.approx(f["per_step"])
     assert e["fits_in_hbm"] is True  # a tiny step
 
@@ -73,7 +74,7 @@ def test_scanned_layers_are_counted_in_flops(result):
   with config.unlocked():
     config.flow.layers = (2, 2)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  extra = dry_run.step_flops(config, mesh) - result["flops"]["per_step"]
+  extra = step_cost.step_flops(config, mesh) - result["flops"]["per_step"]
   w, s, b = config.flow.width, build.build_models(config).flow.seq_len, config.data.batch_size
   # Per token and layer, forward: qkv + out + MLP matmuls 2 * 12 w^2, scores and mixing
   # 4 s w times the share of the (s, s) logits that n query chunks compute, (n + 1) / 2n
@@ -101,14 +102,14 @@ def test_simulated_devices_in_a_subprocess_with_fsdp(real_params):
 
 
 def test_clear_errors():
-  with pytest.raises(ValueError, match="DRY_RUN_DEVICES=999"):
-    dry_run.analyze(tiny.get_config(), num_devices=999)
+  with pytest.raises(ValueError, match="dry_run.devices=999"):
+    step_cost.analyze(tiny.get_config(), num_devices=999)
   config = tiny.get_config()
   with config.unlocked():
     config.data.batch_size = 6
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
   with pytest.raises(ValueError, match="batch_size=6"):
-    dry_run.build_step(config, mesh)
+    steps.build_step(config, mesh)
 
 
 def test_abstract_frozen_networks_have_the_loaded_shapes():
@@ -116,7 +117,7 @@ def test_abstract_frozen_networks_have_the_loaded_shapes():
   with config.unlocked():
     config.loss.w_lpips = 1.0
     config.repa.enabled, config.repa.encoder = True, "tiny"
-  frozen = dry_run.abstract_frozen(config)
+  frozen = steps.abstract_frozen(config)
   flat = {tuple(k.key for k in path): x.shape
           for path, x in jax.tree_util.tree_flatten_with_path(frozen["lpips"])[0]}
   assert flat == lpips.expected_shapes()

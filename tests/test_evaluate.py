@@ -1,17 +1,22 @@
-"""--mode=evaluate: the digits report end to end, Inception-path metrics against known answers
-(a stand-in featurizer), the evaluator chosen by the config, the skip note, the
-missing-checkpoint error, and the training loop's periodic evaluation (train.eval_every)."""
+"""--mode=evaluate and the declared evaluators: the digits report end to end, exactly the
+declared evaluators in report.json, Inception-path metrics against known answers (a stand-in
+featurizer), the feature network chosen by the config, the skip note, the missing-checkpoint
+error, evaluator entries checked at the config boundary, and the training loop running
+evaluators every N steps."""
 import json
 import os
+import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
-from simflow_jax import checkpoint, evaluate, likelihood, sharding, train
+from configs import base, tiny
+from simflow_jax import checkpoint
+from simflow_jax.commands import evaluate, train
 from simflow_jax.data import pipeline
-from simflow_jax.evals import evaluators, metrics
+from simflow_jax.evals import evaluators, likelihood, metrics, vae_evals
 from simflow_jax.models import build
 from simflow_jax.pretrained import inception
 
@@ -21,9 +26,19 @@ def trained(tiny_trained):
   return tiny_trained
 
 
-@pytest.fixture(autouse=True)
-def few_robustness_images(monkeypatch):
-  monkeypatch.setattr(evaluate, "NUM_ROBUSTNESS_IMAGES", 8)  # LPIPS on CPU is the slow part
+def _copy(trained, tmp_path):
+  """A copy of the trained run: each test writes its own eval/ folder."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+def _declare(config, **entries):
+  """config.evals = exactly `entries` (NAME=(type, {field: value}))."""
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict(
+        {name: base.evaluator(kind, **fields) for name, (kind, fields) in entries.items()})
+  return config
 
 
 def _numbers(tree):
@@ -41,41 +56,85 @@ def _png_size(path):
     return im.size
 
 
-def test_digits_report(trained):
+def test_digits_report(trained, tmp_path):
+  """The default evaluators of configs/base.py on 40 eval examples."""
   config = tiny.get_config()
   with config.unlocked():
-    config.eval.num_samples, config.eval.classifier_steps = 16, 20
-    config.eval.noise_sweep = (0.0, 0.5, 2.0)
-  report = evaluate.evaluate(config, trained, num_eval_examples=40)
-  with open(os.path.join(trained, "eval", "report.json")) as f:
+    config.eval.classifier_steps = 20
+    for entry in config.evals.values():
+      entry.num_examples = 40
+    config.evals.robustness.noise_sweep = (0.0, 0.5, 2.0)
+    config.evals.robustness.num_images = config.evals.interpolation.num_images = 8
+  workdir = _copy(trained, tmp_path)
+  report = evaluate.run(config, str(workdir))
+  with open(workdir / "eval" / "report.json") as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(report))
-  assert saved["generation_mode"] == "digits" and saved["checkpoint_step"] == 4
+  assert set(saved) == set(base.EVAL_TYPES)  # one evaluator per type, named after it
+  with open(workdir / "eval" / "meta.json") as f:
+    assert json.load(f)["checkpoint_step"] == 4
   gen = saved["generation"]
+  assert gen["mode"] == "digits" and gen["num_samples"] == 16
   assert {"digit_fd", "digit_class_accuracy", "digit_rfd", "digit_rfd_mu"} <= set(gen)
   assert 0.0 <= gen["digit_class_accuracy"] <= 1.0 and gen["digit_fd"] > 0
-  assert saved["samples"]["num_samples"] == 16
   assert saved["likelihood"]["num_examples"] == saved["reconstruction"]["num_examples"] == 40
   for key in ("mu", "x"):
-    assert set(saved["latent_stats"][key]) == {"spectral_entropy", "high_freq_ratio",
-                                               "total_variation", "lag1_autocorrelation"}
-  curve = saved["robustness"]["curve"]
-  assert [r["s"] for r in curve] == list(config.eval.noise_sweep)
-  assert all({"psnr", "lpips"} <= set(r) for r in curve)
+    assert {f"{key}_{s}" for s in ("spectral_entropy", "high_freq_ratio", "total_variation",
+                                   "lag1_autocorrelation")} <= set(saved["latent_stats"])
+  assert {f"{k}_s{s:g}" for s in (0.0, 0.5, 2.0) for k in ("psnr", "lpips")} <= set(saved["robustness"])
   numbers = _numbers(saved)
   assert numbers and all(x is not None and np.isfinite(x) for x in numbers)
-  # The report's bits/dim are --mode=likelihood's numbers on the same examples.
+  # The report's bits/dim are the likelihood function's numbers on the same examples.
   models = build.build_models(config)
   direct = likelihood.split_bits_per_dim(config, models, checkpoint.load_params(trained, config),
                                          num_examples=40)
   for key in ("bits_per_dim_mu", "bits_per_dim_sampled"):
     assert saved["likelihood"][key] == pytest.approx(direct[key], rel=1e-5)
   # Figures: 16 samples in rows of 10 classes; 4 interpolation rows of 8 frames (32 px tiles).
-  assert _png_size(saved["figures"]["samples"]) == (10 * 34 + 2, 2 * 34 + 2)
-  assert _png_size(saved["figures"]["interpolation"]) == (8 * 34 + 2, 4 * 34 + 2)
+  assert _png_size(workdir / "eval" / "generation.png") == (10 * 34 + 2, 2 * 34 + 2)
+  assert _png_size(workdir / "eval" / "interpolation.png") == (8 * 34 + 2, 4 * 34 + 2)
   for name in ("robustness", "latent_stats"):
-    assert min(_png_size(saved["figures"][name])) > 100
-  assert any(f.endswith(".msgpack") for f in os.listdir(os.path.join(trained, "eval", "digit_classifier")))
+    assert min(_png_size(workdir / "eval" / f"{name}.png")) > 100
+  assert any(f.endswith(".msgpack") for f in os.listdir(workdir / "eval" / "digit_classifier"))
+
+
+def test_exactly_the_declared_evaluators_run(trained, tmp_path):
+  config = _declare(tiny.get_config(), bpd=("likelihood", {"num_examples": 16}),
+                    recon=("reconstruction", {"num_examples": 16}))
+  workdir = _copy(trained, tmp_path)
+  evaluate.run(config, str(workdir))
+  with open(workdir / "eval" / "report.json") as f:
+    saved = json.load(f)
+  assert set(saved) == {"bpd", "recon"}
+  assert saved["bpd"]["num_examples"] == saved["recon"]["num_examples"] == 16
+  assert sorted(os.listdir(workdir / "eval")) == ["meta.json", "report.json"]  # no figures
+
+
+def test_use_ema_false_evaluates_the_raw_parameters(trained, tmp_path):
+  config = _declare(tiny.get_config(), bpd=("likelihood", {"num_examples": 8}))
+  workdir = str(_copy(trained, tmp_path))
+  ema = evaluate.run(config, workdir)["bpd"]["bits_per_dim_mu"]
+  with config.unlocked():
+    config.sample.use_ema = False
+  raw = evaluate.run(config, workdir)["bpd"]["bits_per_dim_mu"]
+  models = build.build_models(config)
+  direct = likelihood.split_bits_per_dim(
+      config, models, checkpoint.load_params(workdir, config, use_ema=False), num_examples=8)
+  assert raw == pytest.approx(direct["bits_per_dim_mu"], rel=1e-5) and raw != ema
+
+
+@pytest.mark.parametrize("entry, message", [
+    (ml_collections.ConfigDict({"type": "nope"}), r"config.evals.bad.type='nope' is not one of"),
+    (ml_collections.ConfigDict({"type": "likelihood", "num_sampels": 3}),
+     r"config.evals.bad.num_sampels: not a field of evaluator type 'likelihood'"),
+    (base.evaluator("generation", num_samples=-1), r"config.evals.bad.num_samples must be >= 0"),
+])
+def test_bad_evaluator_entries_are_clear_errors(entry, message):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.evals.bad = entry
+  with pytest.raises(ValueError, match=message):
+    build.validate_config(config)
 
 
 def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
@@ -93,7 +152,6 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
 
   monkeypatch.setattr(evaluators, "make_evaluator", lambda config, workdir: evaluators.InceptionEvaluator(
       config, feature_fn=lambda x: features(x / 127.5 - 1.0)))
-  monkeypatch.setattr(evaluate, "_lpips_fn", lambda config: (None, "LPIPS not under test"))
   config = tiny.get_config()
   real16 = next(pipeline.make_eval_loader(config.data, "validation", 16, num_examples=16))["image"]
   ref = metrics.reference_from_features(features(real16))
@@ -102,10 +160,10 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
   with config.unlocked():
     config.eval.inception_weights = "stand-in (monkeypatched)"
     config.eval.ref_stats = str(tmp_path / "ref.npz")
-    config.eval.num_samples, config.eval.noise_sweep = 16, (0.0, 1.0)
-  report = evaluate.evaluate(config, trained, num_eval_examples=24)
-  assert report["generation_mode"] == "inception"
-  gen = report["generation"]
+  _declare(config, gen=("generation", {"num_samples": 16, "num_examples": 24}))
+  report = evaluate.run(config, str(_copy(trained, tmp_path)))
+  gen = report["gen"]
+  assert set(report) == {"gen"} and gen["mode"] == "inception"
 
   def cat(parts, key):
     return np.concatenate([p[key] for p in parts])
@@ -169,50 +227,41 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     evaluate.run(tiny.get_config(), str(tmp_path / "never_trained"))
 
 
-def test_periodic_bits_per_dim_are_the_likelihood_numbers(trained):
-  """Without the digit evaluator the periodic evaluation is --mode=likelihood's bits/dim on
-  the first eval batches."""
-  config = _config(**{"eval.inception_weights": "not loaded: the bits/dim path"})
-  models = build.build_models(config)
-  params = checkpoint.load_params(trained, config)
-  mesh = sharding.make_mesh(config.mesh)
-  out = evaluate.make_periodic_eval(config, models, mesh, trained)(params, 4)
-  num = evaluate.PERIODIC_BPD_BATCHES * config.data.batch_size
-  direct = likelihood.split_bits_per_dim(config, models, params, mesh=mesh, num_examples=num)
-  assert set(out) == {"eval/bits_per_dim_mu", "eval/bits_per_dim_sampled"}
-  for key in ("bits_per_dim_mu", "bits_per_dim_sampled"):
-    assert np.isfinite(out["eval/" + key]) and out["eval/" + key] == pytest.approx(direct[key], rel=1e-6)
-
-
-@pytest.mark.slow  # a 4-step tiny training run of its own (tens of seconds on 2 cores)
-def test_eval_every_logs_digit_metrics(tmp_path, monkeypatch):
-  """train.eval_every=2 in a 4-step tiny run: the digit metrics of guided samples are logged at
-  steps 2 and 4, the classifier is trained once and cached in WORKDIR/eval/digit_classifier."""
-  monkeypatch.setattr(evaluate, "PERIODIC_NUM_REAL", 64)
+def test_training_runs_the_evaluators_that_are_due(tmp_path, monkeypatch):
+  """A 4-step tiny run with a generation evaluator every 2 steps and a likelihood one every 4:
+  their numbers are logged at those steps (eval/NAME/metric), the digit classifier is trained
+  once and cached in WORKDIR/eval/digit_classifier."""
   trainings = []
   real_train = evaluators.digits.train_digit_classifier
   monkeypatch.setattr(evaluators.digits, "train_digit_classifier",
                       lambda **kw: trainings.append(kw) or real_train(**kw))
-  config = _config(**{"train.eval_every": 2, "sample.guidance": 1.0})
+  config = _declare(tiny.get_config(),
+                    gen=("generation", {"every_steps": 2, "num_samples": 16, "num_examples": 64}),
+                    bpd=("likelihood", {"every_steps": 4, "num_examples": 16}),
+                    recon=("reconstruction", {}))  # every_steps 0: never in training
+  with config.unlocked():
+    config.sample.guidance = 1.0
+    config.eval.classifier_steps = 20
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  train.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  evals = {r["step"]: r for r in rows if "eval/digit_fd" in r}
-  assert sorted(evals) == [2, 4]
-  for row in evals.values():
-    assert set(row) == {"step", "eval/digit_fd", "eval/digit_class_accuracy"}
-    assert row["eval/digit_fd"] > 0 and 0.0 <= row["eval/digit_class_accuracy"] <= 1.0
-  assert evals[2]["eval/digit_fd"] != evals[4]["eval/digit_fd"]  # the parameters moved
+  gen = {r["step"]: r for r in rows if "eval/gen/digit_fd" in r}
+  bpd = {r["step"]: r for r in rows if "eval/bpd/bits_per_dim_sampled" in r}
+  assert sorted(gen) == [2, 4] and sorted(bpd) == [4]
+  assert not any(k.startswith("eval/recon/") for r in rows for k in r)
+  for row in gen.values():
+    assert row["eval/gen/digit_fd"] > 0 and 0.0 <= row["eval/gen/digit_class_accuracy"] <= 1.0
+  assert gen[2]["eval/gen/digit_fd"] != gen[4]["eval/gen/digit_fd"]  # the parameters moved
   assert len(trainings) == 1
   assert any(f.endswith(".msgpack") for f in os.listdir(os.path.join(workdir, "eval", "digit_classifier")))
 
 
 def test_robustness_lpips_setting_decides_whether_lpips_runs():
-  """eval.robustness_lpips=False: PSNR only (no VGG16 loaded); True: LPIPS on 32 px digits."""
-  fn, note = evaluate._lpips_fn(_config(**{"eval.robustness_lpips": False}))
-  assert fn is None and "eval.robustness_lpips=False" in note
-  fn, note = evaluate._lpips_fn(_config())
+  """lpips=False: PSNR only (no VGG16 loaded); True: LPIPS on 32 px digits."""
+  fn, note = vae_evals.lpips_distance(tiny.get_config(), False)
+  assert fn is None and "lpips=False" in note
+  fn, note = vae_evals.lpips_distance(tiny.get_config(), True)
   assert fn is not None and note.startswith("LPIPS (VGG16)")
   x = np.zeros((2, 32, 32, 1), np.float32)
   np.testing.assert_allclose(np.asarray(fn(x, x)), 0.0, atol=1e-6)

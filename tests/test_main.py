@@ -228,8 +228,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
   flag the loop reads; the second ends the process with SIGINT's default action."""
   child = ("import os, signal, sys\n"
            f"sys.path.insert(0, {ROOT!r})\n"
-           "from simflow_jax import train\n"
-           "with train._StopOnSignal() as stop:\n"
+           "from simflow_jax import trainer\n"
+           "with trainer._StopOnSignal() as stop:\n"
            "  os.kill(os.getpid(), signal.SIGINT)\n"
            "  print('flag', stop.signum, flush=True)\n"
            "  os.kill(os.getpid(), signal.SIGINT)\n"
@@ -243,9 +243,9 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 
 def test_handlers_are_restored_after_training(tmp_path):
-  from simflow_jax import train
+  from simflow_jax import trainer
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  with train._StopOnSignal():
+  with trainer._StopOnSignal():
     assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
   assert {s: signal.getsignal(s) for s in before} == before
 
@@ -267,10 +267,11 @@ def _config(runs, **fields):
 
 @pytest.mark.slow
 def test_a_refused_resume_changes_no_file(runs):
-  from simflow_jax import checkpoint, train
+  from simflow_jax import checkpoint
+  from simflow_jax.commands import train
   before = _digest(runs["ref"])
   with pytest.raises(checkpoint.CheckpointError, match=r"different model config \(differs in: flow\)"):
-    train.train_and_evaluate(_config(runs, flow__width=48), runs["ref"])
+    train.run(_config(runs, flow__width=48), runs["ref"])
   assert _digest(runs["ref"]) == before
 
 
@@ -291,9 +292,10 @@ def test_corrupt_checkpoint_gets_advice_in_every_mode(runs, tmp_path):
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert all(w in _last_line(result.stderr) for w in want), _last_line(result.stderr)
 
-  from simflow_jax import checkpoint, train  # training gives the same advice, before any compile
+  from simflow_jax import checkpoint
+  from simflow_jax.commands import train  # training gives the same advice, before any compile
   with pytest.raises(checkpoint.CheckpointError) as error:
-    train.train_and_evaluate(_config(runs), workdir)
+    train.run(_config(runs), workdir)
   assert all(w in str(error.value) for w in want)
 
 
@@ -311,15 +313,15 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bad_grid_classes_are_refused_before_anything_is_written(tmp_path):
+def test_bad_sample_classes_are_refused_before_anything_is_written(tmp_path):
   from configs import tiny
-  from simflow_jax import train
+  from simflow_jax.commands import train
   config = tiny.get_config()
   with config.unlocked():
-    config.train.grid_classes = (3, 12)
-  with pytest.raises(ValueError, match=r"config.train.grid_classes=\(3, 12\): class ids \[12\] are "
+    config.sample.classes = (3, 12)
+  with pytest.raises(ValueError, match=r"config.sample.classes=\(3, 12\): class ids \[12\] are "
                                        r"outside \[0, 10\)"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    train.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
   sys.path.insert(0, ROOT)
   import main
@@ -327,9 +329,9 @@ def test_bad_grid_classes_are_refused_before_anything_is_written(tmp_path):
 
 
 def _raised(config):
-  from simflow_jax import train
+  from simflow_jax.commands import train
   try:
-    train.train_and_evaluate(config, "/nonexistent/never_written")
+    train.run(config, "/nonexistent/never_written")
   except ValueError as e:
     return e
   raise AssertionError("no error")

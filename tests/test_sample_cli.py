@@ -1,6 +1,6 @@
-"""--mode=sample (export.run): the grid PNG, the ADM .npz export against the library sampler,
+"""--mode=sample (commands/sample.py): the grid PNG, the ADM .npz export against the library sampler,
 bit-exact resume, seeds, the object-store write path, the clear errors, and the .npz layout
-helpers (figures.to_uint8, export.write_npz_shard / merge_npz_shards)."""
+helpers (figures.to_uint8, write_npz_shard / merge_npz_shards)."""
 import os
 import shutil
 
@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from simflow_jax import checkpoint, export, files, sample
+from simflow_jax import checkpoint, files, sample
+from simflow_jax.commands import sample as export
 from simflow_jax.evals import figures
 from simflow_jax.models import build
 

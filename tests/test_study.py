@@ -8,10 +8,15 @@ import hashlib
 import json
 import os
 
+import ml_collections
 import pytest
 
-from configs import tiny, variants
-from simflow_jax import study, train
+from configs import base, study_digits, tiny, variants
+from simflow_jax.commands import study
+from simflow_jax.commands import train
+from simflow_jax.commands.study import job as job_lib
+from simflow_jax.commands.study import plan as plan_lib
+from simflow_jax.commands.study import pool
 
 
 def _config(rows=("frozen_vae_fixed", "simflow"), steps=4, workers=1):
@@ -19,9 +24,14 @@ def _config(rows=("frozen_vae_fixed", "simflow"), steps=4, workers=1):
   c.study.rows, c.study.seeds, c.study.steps = rows, (0,), steps
   c.study.workers = workers
   c.study.num_eval_examples = 16
-  c.eval.num_samples = 16
-  c.eval.noise_sweep = (0.0, 0.5)
-  c.eval.robustness_lpips = False  # as configs/study_digits.py
+  with c.unlocked():  # the evaluators of configs/study_digits.py, smaller
+    c.evals = ml_collections.ConfigDict({
+        name: base.evaluator(e.type, **{k: v for k, v in e.items() if k != "type"})
+        for name, e in study_digits.get_config().evals.items()})
+    for e in c.evals.values():
+      if e.type == "generation":
+        e.num_samples = 16
+    c.evals.robustness.noise_sweep = (0.0, 0.5)
   c.sample.guidance = 1.0
   return c
 
@@ -50,7 +60,7 @@ def test_two_row_study_writes_a_table_with_every_metric(finished):
   with open(os.path.join(out, "table.json")) as f:
     saved = json.load(f)
   for name, entry in saved.items():
-    for metric, _, _ in study.METRICS:
+    for metric, _, _ in job_lib.METRICS:
       assert entry["metrics"][metric]["mean"] is not None, (name, metric)
       assert entry["metrics"][metric]["n"] == 1
     assert [p["s"] for p in entry["robustness"]] == [0.0, 0.5]
@@ -78,8 +88,8 @@ def test_rerun_skips_finished_rows(finished, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("a finished row was trained again")
 
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
-  monkeypatch.setattr(study.evaluate, "evaluate", no_training)
+  monkeypatch.setattr(job_lib.trainer, "train", no_training)
+  monkeypatch.setattr(job_lib.declared, "evaluate_checkpoint", no_training)
   again = study.run(_config(), workdir)
   assert again["simflow"]["metrics"] == table["simflow"]["metrics"]
 
@@ -87,16 +97,16 @@ def test_rerun_skips_finished_rows(finished, monkeypatch):
 def test_rows_sharing_a_stage1_vae_run_in_one_worker_in_plan_order(tmp_path):
   c = _config(rows=("frozen_vae_learned", "simflow", "frozen_encoder_noise", "frozen_vae_fixed"))
   c.study.seeds = (0, 1)
-  jobs = study.plan(c, str(tmp_path))
+  jobs = plan_lib.plan(c, str(tmp_path))
   names = [(j["row"].name, j["seed"]) for j in jobs]
-  units = [[names[i] for i in unit] for unit in study._units(jobs, list(range(len(jobs))))]
+  units = [[names[i] for i in unit] for unit in pool.units_of(jobs, list(range(len(jobs))))]
   # frozen_vae_learned and frozen_encoder_noise both stand on seed k's 'vae_learned' VAE.
   assert units == [[("frozen_vae_learned", 0), ("frozen_encoder_noise", 0)], [("simflow", 0)],
                    [("frozen_vae_fixed", 0)],
                    [("frozen_vae_learned", 1), ("frozen_encoder_noise", 1)], [("simflow", 1)],
                    [("frozen_vae_fixed", 1)]]
   # Finished row-seeds are left out; a unit whose first row is done still keeps its others.
-  units = study._units(jobs, [2, 3, 5, 6])
+  units = pool.units_of(jobs, [2, 3, 5, 6])
   assert [[names[i] for i in u] for u in units] == [
       [("frozen_encoder_noise", 0)], [("frozen_vae_fixed", 0)], [("simflow", 1)],
       [("frozen_encoder_noise", 1)]]
@@ -126,8 +136,22 @@ def test_stage2_with_a_missing_or_mismatched_vae_run_writes_nothing(tmp_path, ti
   config = tiny.get_config("frozen_vae_learned")
   config.train.vae_checkpoint = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="vae_checkpoint"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"))
   config.train.vae_checkpoint = tiny_trained  # a fixed-posterior VAE; this row wants 'learned'
   with pytest.raises(ValueError, match="different config.*posterior"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_quick_replaces_the_settings_it_names_and_says_so(tmp_path, caplog):
+  c = _config(rows=())
+  c.study.quick, c.study.quick_steps, c.study.quick_seeds = True, 10, (3,)
+  caplog.set_level("INFO")
+  settings = plan_lib.settings(c, log=True)
+  assert (settings["steps"], settings["seeds"], settings["rows"]) == (10, (3,), tuple(c.study.quick_rows))
+  jobs = plan_lib.plan(c, str(tmp_path))
+  assert [j["row"].name for j in jobs] == list(c.study.quick_rows)
+  gen = jobs[0]["config"].evals.generation
+  assert gen.num_samples == c.study.quick_num_samples
+  assert gen.num_examples == c.study.quick_num_eval_examples
+  assert "study.quick=True: steps 4 -> 10" in caplog.text

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from simflow_jax import checkpoint, optim, sharding, train, train_step
+from simflow_jax import checkpoint, errors, optim, sharding, train_step
+from simflow_jax.commands import train
 from simflow_jax.data import pipeline
 from simflow_jax.models import build
 
@@ -67,7 +68,7 @@ def test_smoke_run_resume_equality_and_grid(tmp_path):
   with config.unlocked():
     config.train.log_every = 1
   full = str(tmp_path / "full")
-  out = train.train_and_evaluate(config, full)
+  out = train.run(config, full)
   assert os.path.exists(out["grid_path"]) and out["grid_path"].endswith(".png")
   assert checkpoint.Checkpointer(full, config).latest_step() == 4
   assert os.path.exists(os.path.join(full, "config.json"))
@@ -84,7 +85,7 @@ def test_smoke_run_resume_equality_and_grid(tmp_path):
   logged[2]["loss"] = -1.0  # marks the row of step 3 logged before the kill
   with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
     f.write("".join(json.dumps(r) + "\n" for r in logged[:3]) + json.dumps(logged[3])[:20])  # torn
-  train.train_and_evaluate(config, resumed)
+  train.run(config, resumed)
   with open(os.path.join(resumed, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == [1, 2, 3, 4], "one row per step: the replayed steps 3 and 4 replace their rows"
@@ -105,7 +106,7 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tiny_trained):
   with config.unlocked():
     config.flow.width = 48
   with pytest.raises(checkpoint.CheckpointError, match="different model config.*flow"):
-    train.train_and_evaluate(config, workdir)
+    train.run(config, workdir)
   # The checkpoint is still there.
   assert checkpoint.Checkpointer(workdir, tiny.get_config()).latest_step() == 4
 
@@ -140,8 +141,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     config.optim.warmup_steps = 0
     config.optim.grad_clip = 0.0
     config.train.num_steps, config.train.ckpt_every, config.train.log_every = 6, 1, 3
-  with pytest.raises(train.NonFiniteLossError, match="Non-finite loss"):
-    train.train_and_evaluate(config, str(tmp_path / "nan"))
+  with pytest.raises(errors.NonFiniteLossError, match="Non-finite loss"):
+    train.run(config, str(tmp_path / "nan"))
   step = checkpoint.Checkpointer(str(tmp_path / "nan"), config).latest_step()
   assert step is not None and step >= 1
 
@@ -153,12 +154,12 @@ def test_bad_config_values_are_clear_errors(tmp_path):
   with config.unlocked():
     config.train.freeze = "end2end"
   with pytest.raises(ValueError, match="train.freeze"):
-    train.train_and_evaluate(config, str(tmp_path / "a"))
+    train.run(config, str(tmp_path / "a"))
   config = tiny.get_config()
   with config.unlocked():
     config.data.source, config.data.path = "imagefolder", str(tmp_path / "missing")
   with pytest.raises((FileNotFoundError, ValueError), match="missing"):
-    train.train_and_evaluate(config, str(tmp_path / "b"))
+    train.run(config, str(tmp_path / "b"))
   config = tiny.get_config("frozen_vae")
   with pytest.raises(ValueError, match="vae_checkpoint"):
-    train.train_and_evaluate(config, str(tmp_path / "c"))
+    train.run(config, str(tmp_path / "c"))

@@ -178,9 +178,9 @@ def test_repa_disabled_has_no_alignment_path():
 
 
 def test_repa_without_weights_is_a_clear_error(tmp_path):
-  from simflow_jax import train
+  from simflow_jax.commands import train
   config = tiny.get_config()
   with config.unlocked():
     config.repa.enabled, config.repa.encoder, config.repa.layer = True, "dinov2_b14", 1
   with pytest.raises(FileNotFoundError, match="convert_dinov2"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"))

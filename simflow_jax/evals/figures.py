@@ -2,15 +2,16 @@
 
 Images are NHWC float in [-1, 1], (N, H, W, C) with C = 1 (grayscale) or 3 (RGB); their
 pixels are round((x + 1) * 127.5) (`to_uint8`), the same in PNGs and in the ADM .npz export.
-Matplotlib is used through its object API (matplotlib.figure.Figure, Agg canvas), so no
-pyplot state or display is needed; PNG grids are written with Pillow.
+Plots (the evaluators' and the study's) use matplotlib through its object API
+(matplotlib.figure.Figure, Agg canvas), so no pyplot state or display is needed; it is
+imported inside the plotting functions, so image grids and the uint8 export (Pillow) work
+without it. PNG grids are written with Pillow.
 """
 import math
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
 
 
@@ -48,12 +49,17 @@ def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> None:
   Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)  # uint8: mode L or RGB
 
 
+def _figure():
+  from matplotlib.figure import Figure  # local: only the plots need matplotlib
+  return Figure
+
+
 def plot_robustness(results: Sequence[Mapping[str, float]], path: str) -> None:
   """Plots PSNR (and LPIPS on a second axis, if present) against the noise scale s."""
   if not results:
     raise ValueError("plot_robustness needs at least one result row from noise_robustness")
   s = [r["s"] for r in results]
-  fig = Figure(figsize=(5, 3.5))
+  fig = _figure()(figsize=(5, 3.5))
   ax = fig.add_subplot(1, 1, 1)
   ax.plot(s, [r["psnr"] for r in results], "o-", color="tab:blue", label="PSNR")
   ax.set_xlabel("noise scale s (decode mu + s * eps)")
@@ -85,7 +91,7 @@ def plot_latent_stats(stats_dict: Mapping, path: str) -> None:
   if any(list(g) != names for g in groups.values()):
     raise ValueError("every label in plot_latent_stats must have the same statistics")
   labels = list(groups)
-  fig = Figure(figsize=(3.2 * len(names), 3.2))
+  fig = _figure()(figsize=(3.2 * len(names), 3.2))
   for i, name in enumerate(names):
     ax = fig.add_subplot(1, len(names), i + 1)
     ax.bar(range(len(labels)), [groups[label][name] for label in labels],
@@ -96,3 +102,41 @@ def plot_latent_stats(stats_dict: Mapping, path: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
+
+
+def plot_gen_fd(table: dict, path: str) -> None:
+  """The study's generation FD per row, without and with guidance, with std error bars."""
+  names = list(table)
+  fig = _figure()(figsize=(1.0 + 0.9 * len(names), 4.0))
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(names))
+  for off, key, label in ((-0.2, "gen_fd", "w/o guidance"), (0.2, "gen_fd_guided", "guided")):
+    mean = [table[n]["metrics"][key]["mean"] or np.nan for n in names]
+    std = [table[n]["metrics"][key]["std"] or 0.0 for n in names]
+    ax.bar(x + off, mean, 0.4, yerr=std, capsize=3, label=label)
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=30, ha="right")
+  ax.set_ylabel("digit FD of samples (lower is better)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+def plot_robustness_sweep(table: dict, path: str) -> None:
+  """The study's Fig. 3a: decoder PSNR under latent noise, end-to-end fixed sigma_bar vs
+  learnable variance (rows marked fig3a)."""
+  chosen = [n for n, e in table.items() if e.get("robustness") and e["fig3a"]]
+  if not chosen:
+    return
+  fig = _figure()(figsize=(5.5, 3.8))
+  ax = fig.add_subplot(1, 1, 1)
+  for n in sorted(chosen, key=lambda k: table[k]["sigma_bar"] or 0.0):
+    curve = table[n]["robustness"]
+    label = table[n]["label"].replace("end-to-end / ", "")
+    ax.errorbar([p["s"] for p in curve], [p["psnr"] for p in curve],
+                yerr=[p["psnr_std"] or 0.0 for p in curve], marker="o", capsize=2, label=label)
+  ax.set_xlabel("noise scale s (decode mu + s * eps)")
+  ax.set_ylabel("PSNR (dB)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)

@@ -43,7 +43,7 @@ def noise_robustness(encode_mu: Callable, decode: Callable, images, sweep: Seque
   `lpips`, if given, is called as lpips(decoded, images) on [-1, 1] NHWC images
   and returns per-image distances (or their mean); its mean is reported.
   Returns [{"s": s, "psnr": dB, "lpips": d (only with lpips)}, ...] in sweep order.
-  `sweep` comes from config.eval.noise_sweep.
+  `sweep` comes from the robustness evaluator's noise_sweep (config.evals).
   """
   images = np.asarray(images)
   if images.ndim != 4:

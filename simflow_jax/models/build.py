@@ -1,8 +1,8 @@
 """Builds every model of a run from the config, and checks the config's values.
 
-validate_config is the config boundary: build_models runs it once, before anything else
-an entry point (train, sample export, evaluate, likelihood, study, dry run) does with the
-models, so every choice and range is checked in one place.
+validate_config is the config boundary: every command (simflow_jax/commands/) runs it once,
+before anything else it does, so every choice and range is checked in one place;
+build_models trusts a validated config.
 
 `jax.eval_shape(lambda r: init_params(models, r), rng)` gives the abstract tree with
 no allocation (paper scale on a laptop).
@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from configs import base
 from simflow_jax.models import discriminator, flow as flow_lib, guidance, inverse, repa, vae as vae_lib
 
 FREEZE = ("none", "vae", "encoder", "flow")
@@ -76,7 +77,6 @@ _LOWER_BOUNDS = (
     ("mesh.fsdp", 1, False, "devices a parameter is split over; 1 = none"),
     ("mesh.fsdp_min_size", 0, False, "parameters with fewer elements stay replicated"),
     ("sample.batch_size", 1, False, "global batch per sampling step"),
-    ("eval.num_samples", 1, False, "samples generated per evaluation"),
     ("eval.classifier_steps", 1, False, "digit classifier training steps"),
     ("study.steps", 1, False, "total step budget of every study row"),
     ("study.num_eval_examples", 0, False, "eval-split examples per evaluation; 0 = the whole split"),
@@ -118,9 +118,6 @@ def _check_ranges(config) -> None:
   if m.data != -1 and m.data < 1:
     raise ValueError(f"config.mesh.data must be >= 1 data-parallel devices, or -1 for all remaining "
                      f"devices, got {m.data}.")
-  if any(x < 0 for x in config.eval.noise_sweep):
-    raise ValueError(f"config.eval.noise_sweep holds noise stds, which must be >= 0, got "
-                     f"{tuple(config.eval.noise_sweep)}.")
   if not st.seeds:
     raise ValueError("config.study.seeds must name at least one seed, e.g. --config.study.seeds='(0,)'.")
   if not 0.0 < st.stage1_fraction < 1.0:
@@ -156,7 +153,7 @@ def validate_config(config) -> None:
                      f"got {f.scan_unroll!r}.")
   if not 0.0 <= l.label_dropout <= 1.0:
     raise ValueError(f"config.loss.label_dropout must be in [0, 1], got {l.label_dropout}.")
-  for name in ("w_l1", "w_lpips", "w_kl", "w_gan", "w_nf"):
+  for name in (k for k in l if k.startswith("w_")):
     if l[name] < 0:
       raise ValueError(f"config.loss.{name} must be >= 0, got {l[name]}.")
   for name, allowed in (("cond", flow_lib.CONDS), ("cond_blocks", flow_lib.COND_BLOCKS),
@@ -194,13 +191,15 @@ def validate_config(config) -> None:
                      f"whole sequence), got {s.kv_windows!r}.")
   if s.temperature <= 0:
     raise ValueError(f"config.sample.temperature must be > 0, got {s.temperature}.")
-  for name, classes in (("train.grid_classes", t.grid_classes), ("sample.classes", s.classes)):
-    _check_classes(name, classes, d.num_classes)
+  _check_classes("sample.classes", s.classes, d.num_classes)
   for name, value, least, meaning in (("train.grid_per_class", t.grid_per_class, 1, "grid columns"),
                                       ("sample.num_samples", s.num_samples, 0, "0 = grid only"),
-                                      ("train.eval_every", t.eval_every, 0, "0 = never")):
+                                      ("dry_run.devices", config.dry_run.devices, 0, "0 = local")):
     if value < least:
       raise ValueError(f"config.{name} must be >= {least} ({meaning}), got {value}.")
+  if not 0 < config.dry_run.mfu <= 1:
+    raise ValueError(f"config.dry_run.mfu must be in (0, 1], got {config.dry_run.mfu}.")
+  validate_evals(config)
   if config.repa.enabled:
     _choice("repa.encoder", config.repa.encoder, tuple(REPA_DIMS))
     n = len(f.layers)
@@ -208,6 +207,29 @@ def validate_config(config) -> None:
     if not 1 <= config.repa.layer <= f.layers[k]:
       raise ValueError(f"config.repa.layer={config.repa.layer} is not a layer of flow block {k} "
                        f"(it has {f.layers[k]} layers).")
+
+
+def validate_evals(config) -> None:
+  """config.evals: NAME -> ConfigDict(type=..., fields of that type in configs/base.EVAL_TYPES)."""
+  for name, entry in config.evals.items():
+    where = f"config.evals.{name}"
+    if not hasattr(entry, "keys") or "type" not in entry:
+      raise ValueError(f"{where} must be an evaluator entry with a type, e.g. "
+                       f"configs/base.evaluator('likelihood'); got {entry!r}.")
+    _choice(f"evals.{name}.type", entry.type, tuple(base.EVAL_TYPES))
+    fields = base.EVAL_TYPES[entry.type]
+    for key in entry:
+      if key != "type" and key not in fields:
+        raise ValueError(f"{where}.{key}: not a field of evaluator type {entry.type!r} "
+                         f"(its fields: {', '.join(fields)}).")
+    for key in ("every_steps", "num_examples", "num_samples", "num_images", "num_pairs",
+                "num_frames", "max_examples"):
+      if key in entry and entry[key] < 0:
+        raise ValueError(f"{where}.{key} must be >= 0, got {entry[key]}.")
+    if entry.type == "generation":
+      _choice(f"evals.{name}.metrics", entry.metrics, ("auto", "inception", "digits"))
+    if entry.type == "interpolation" and entry.get("num_images", 2) < 2:
+      raise ValueError(f"{where}.num_images must be >= 2 (pairs of images).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +259,7 @@ class Models:
 
 
 def build_models(config) -> Models:
-  validate_config(config)
+  """The models of a config validated by validate_config."""
   d = config.data
   vae = vae_lib.VAE.from_config(config.vae, d.channels)
   f = vae.downsample_factor

@@ -1,7 +1,8 @@
 """The training loop: mesh, sharded init, jitted step, checkpoints, logging, sample grids.
 
-`train_and_evaluate(config, workdir)` is the whole job of `main.py --mode=train`:
-  1. validate the config;
+`train(config, workdir)` runs a run (`main.py --mode=train`, each run of the study), for a
+config the caller has validated (models/build.validate_config):
+  1. check the VAE run that train.vae_checkpoint names, if any;
   2. build the mesh and the models; create the train state already sharded
      (eval_shape -> shardings -> jit(init, out_shardings)), or restore the latest
      checkpoint in WORKDIR (state, EMA, optimiser, step and data position), so a
@@ -13,20 +14,18 @@
      console with steps/s and ETA);
   4. save every `train.ckpt_every` steps and at the end (never a non-finite state;
      a NaN/inf loss stops the run with its step, the last good checkpoint kept);
-  5. write a class-conditional sample grid every `train.sample_every` steps and at the end;
-     every `train.eval_every` steps (0 = never) log evaluate.make_periodic_eval's metrics.
+  5. write a class-conditional sample grid (rows: sample.classes) every `train.sample_every`
+     steps and at the end; run the evaluators of config.evals whose every_steps is due
+     (evals/declared.py) on the EMA parameters and log their numbers as eval/NAME/metric.
 SIGINT / SIGTERM (Ctrl-C, a preemption notice) make the loop stop after the current
 step, save a checkpoint there and raise `Interrupted`; a second signal ends the
 process at once. Returns the last logged metrics (a dict of floats).
 """
-import dataclasses
-import functools
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,23 +33,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simflow_jax import checkpoint, evaluate, files, metric_writers, optim, sample, sharding, train_step
+from configs import base
+from simflow_jax import checkpoint, files, metric_writers, sample, sharding, steps
 from simflow_jax.data import pipeline
-from simflow_jax.evals import figures
-from simflow_jax.models import build
-from simflow_jax.pretrained import dinov2, lpips
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-class Interrupted(Exception):
-  """Training stopped by a signal after saving a checkpoint; `signum` is the signal."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
+from simflow_jax.errors import Interrupted, NonFiniteLossError
+from simflow_jax.evals import declared, figures
 
 
 class _StopOnSignal:
@@ -89,91 +76,8 @@ class _StopOnSignal:
                 f"(send {name} again to exit at once without saving).\n".encode())
 
 
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-  """The jitted train step of `config` on `mesh`, and abstract arguments for it."""
-  models: build.Models
-  tx: Any
-  fn: Callable                # jit(train_step) with in/out shardings, donates the state
-  create_state: Callable      # jit(rng -> TrainState) with the state's out_shardings
-  state: Any                  # TrainState of ShapeDtypeStructs (with shardings)
-  batch: dict                 # {'image', 'label'} ShapeDtypeStructs, global batch
-  frozen: dict                # frozen networks' params as ShapeDtypeStructs
-  mesh: jax.sharding.Mesh
-
-
-def _with_sharding(tree, shard):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
-
-
-def abstract_frozen(config) -> dict:
-  """The frozen networks' parameters the step needs, as ShapeDtypeStructs (float32).
-
-  The same tree train.load_frozen_networks loads from files, built from the known
-  architectures only: LPIPS VGG16 (loss.w_lpips > 0), the REPA encoder (repa.enabled).
-  """
-  frozen = {}
-  if config.loss.w_lpips > 0:
-    tree = {}
-    for path, shape in lpips.expected_shapes().items():
-      node = tree
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
-    frozen["lpips"] = tree
-  if config.repa.enabled:
-    encoder = dinov2.make_dinov2(config.repa.encoder)
-    x = jax.ShapeDtypeStruct((1, 14, 14, 3), jnp.float32)
-    frozen["repa_encoder"] = jax.eval_shape(encoder.init, jax.random.key(0), x)["params"]
-  return frozen
-
-
-def build_step(config, mesh) -> StepSpec:
-  """Models, optimiser, state shardings and the jitted step, as simflow_jax.train does."""
-  d = config.data
-  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  if d.batch_size % n_batch:
-    raise ValueError(f"data.batch_size={d.batch_size} (the global batch) must be divisible by the "
-                     f"{n_batch} devices of the mesh: change --config.data.batch_size or the "
-                     "device count.")
-  models = build.build_models(config)
-  rng = jax.random.key(config.seed)
-  abstract_params = jax.eval_shape(lambda r: build.init_params(models, r), rng)
-  tx = optim.make_optimizer(config, abstract_params)
-  create = functools.partial(train_step.create_train_state, models, config, tx)
-  abstract_state = jax.eval_shape(create, rng)
-  state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  batch = {"image": jax.ShapeDtypeStruct((d.batch_size, d.image_size, d.image_size, d.channels),
-                                         jnp.float32, sharding=batch_sh),
-           "label": jax.ShapeDtypeStruct((d.batch_size,), jnp.int32, sharding=batch_sh)}
-  frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                        abstract_frozen(config))
-  fn = jax.jit(functools.partial(train_step.train_step, models=models, config=config, tx=tx),
-               in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-               donate_argnums=0)
-  return StepSpec(models=models, tx=tx, fn=fn,
-                  create_state=jax.jit(create, out_shardings=state_sh),
-                  state=_with_sharding(abstract_state, state_sh), batch=batch, frozen=frozen,
-                  mesh=mesh)
-
-
-def load_frozen_networks(config, mesh) -> dict:
-  """LPIPS and REPA encoder parameters (replicated); clear errors when files are missing."""
-  frozen = {}
-  if config.loss.w_lpips > 0:
-    frozen["lpips"] = lpips.load_lpips_params(config.loss.lpips_weights)
-  if config.repa.enabled:
-    r = config.repa
-    if r.encoder == "tiny" and not r.weights:
-      frozen["repa_encoder"] = dinov2.init_random_dinov2_params(jax.random.key(config.seed), "tiny")
-    else:
-      frozen["repa_encoder"] = dinov2.load_dinov2_params(r.weights, r.encoder)
-  return jax.device_put(frozen, sharding.replicated(mesh))
-
-
 def _grid_labels(config) -> np.ndarray:
-  classes = list(config.train.grid_classes) or list(range(min(config.data.num_classes, 10)))
+  classes = list(config.sample.classes) or list(range(min(config.data.num_classes, 10)))
   return np.repeat(np.asarray(classes, np.int32), config.train.grid_per_class)
 
 
@@ -207,8 +111,9 @@ def _load_frozen_vae(state, config, models):
   return state.replace(params={**state.params, "vae": vae}, ema={**state.ema, "vae": ema})
 
 
-# The fields that must agree between a run and the run its VAE comes from.
-_VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_mid", "z_channels", "posterior", "sigma_bar")
+# The fields that must agree between a run and the run its VAE comes from: the vae section
+# but its compute dtype (configs/base.py).
+_VAE_FIELDS = tuple(k for k in base.get_base_config().vae if f"vae.{k}" not in base.DTYPE_FIELDS)
 
 
 def _vae_source_config(config):
@@ -231,15 +136,15 @@ def _vae_source_config(config):
   return source
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  build.validate_config(config)  # before anything else: nothing is written for a refused config
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run of `config` in `workdir` (module docstring)."""
   if config.train.vae_checkpoint and not (epath.Path(workdir) / "checkpoints").exists():
     _vae_source_config(config)  # a missing or mismatched VAE run fails before anything is written
   mesh = sharding.make_mesh(config.mesh)
-  spec = build_step(config, mesh)
+  spec = steps.build_step(config, mesh)
   models, t = spec.models, config.train
   rng = jax.random.key(config.seed)
-  frozen = load_frozen_networks(config, mesh)
+  frozen = steps.load_frozen_networks(config, mesh)
 
   data_iter = pipeline.make_train_loader(config.data, config.seed, jax.process_index(),
                                          jax.process_count())
@@ -267,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = spec.fn
     sample_fn = sample.make_sample_fn(models, config.sample)  # compiled once, used for every grid
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-    periodic_eval = evaluate.make_periodic_eval(config, models, mesh, workdir) if t.eval_every else None
+    periodic = declared.build_evaluators(config, models, mesh, workdir, periodic=True)
 
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
     done, metrics = start, None
@@ -301,8 +206,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _save_checked(ckpt, done, state, data_iter, metrics, workdir)
       if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
         write_sample_grid(sample_fn, config, state.ema, done, workdir, writer)
-      if periodic_eval is not None and done % t.eval_every == 0:
-        writer.write_scalars(done, periodic_eval(state.ema, done))
+      due = declared.due(periodic, done)
+      if due:
+        writer.write_scalars(done, declared.scalars(declared.run_all(due, state.ema)))
 
     if start < t.num_steps or ckpt.latest_step() != t.num_steps:
       _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,

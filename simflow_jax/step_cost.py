@@ -1,13 +1,15 @@
-"""Prices a run before it starts: parameters, FLOPs, per-device memory, compile time, cost.
+"""What a run's train step costs: parameters, FLOPs, per-device memory, compile time, price.
 
-  python main.py --config=configs/imagenet256.py --mode=dry_run --workdir=/tmp/price
-  DRY_RUN_DEVICES=64 python main.py --config=configs/imagenet256.py --mode=dry_run
+`analyze(config, num_devices)` is the work of `main.py --mode=dry_run` (commands/dry_run.py):
+
+  python main.py --config=configs/imagenet256.py --mode=dry_run --config.dry_run.devices=64
 
 Nothing is trained, no data is read, no weights file is opened and nothing large is
 allocated: the train state, the batch and the frozen networks (LPIPS VGG16, REPA
 encoder) are abstract shapes (jax.ShapeDtypeStruct with shardings), and the real,
-sharded, state-donating train step (the one simflow_jax.train runs) is lowered and
-compiled for them. The result goes to WORKDIR/dry_run.json and is logged as a table:
+sharded, state-donating train step (steps.build_step: the one the training loop runs) is
+lowered and compiled for them. The result (the command writes it to WORKDIR/dry_run.json and
+logs it as a table):
 
   params          parameter counts: total, per model ('vae', 'flow', ...) and per
                   second-level subtree ('vae/encoder', 'flow/block_5', ...).
@@ -31,33 +33,26 @@ compiled for them. The result goes to WORKDIR/dry_run.json and is logged as a ta
                   chips as devices in the mesh: step time = FLOPs / (chips x bf16 peak x
                   `mfu`), i.e. compute-bound at the assumed model FLOP utilisation.
 
-The mesh: config.mesh over `num_devices` devices. In `run`, the number comes from the
-DRY_RUN_DEVICES environment variable (default: every local device); when it exceeds the
-local device count, the analysis runs in a subprocess with that many simulated CPU
-devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), so a laptop prices a
-64-chip pod. DRY_RUN_MFU (default 0.4) sets the assumed model FLOP utilisation.
-jax.distributed is never initialised.
+The mesh: config.mesh over `num_devices` devices. The command takes the number from
+config.dry_run.devices (0: every local device); when it exceeds the local device count, the
+analysis runs in a subprocess with that many simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N), so a laptop prices a 64-chip pod.
+config.dry_run.mfu sets the assumed model FLOP utilisation. jax.distributed is never
+initialised.
 
 """
 import dataclasses
-import json
 import math
-import os
-import pickle
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from absl import logging
-from etils import epath
 
 from simflow_jax import sharding
-from simflow_jax.train import StepSpec, abstract_frozen, build_step  # noqa: F401  re-exported
+from simflow_jax.steps import build_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +73,7 @@ REFERENCE_CHIPS = {
     "h100_sxm": Chip(989e12, 80e9, 3.00),
     "a100_sxm": Chip(312e12, 80e9, 1.80),
 }
-DEFAULT_MFU = 0.4
+DEFAULT_MFU = 0.4  # configs/base.py dry_run.mfu
 COST_STEPS = 100_000  # estimates.*.usd_per_100k_steps
 
 
@@ -181,7 +176,8 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
   Args:
     config: a full simflow-jax config (configs/*.py).
     num_devices: size of the mesh, taken from the first local devices (default: all).
-      To price more devices than this machine has, use `run` with DRY_RUN_DEVICES=N, or
+      To price more devices than this machine has, use --mode=dry_run with
+      --config.dry_run.devices=N, or
       start Python with XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU).
     compile: also compile the step (memory analysis and compile time); lowering alone
       gives parameter counts and FLOPs.
@@ -193,7 +189,7 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
   n = available if num_devices is None else int(num_devices)
   if not 1 <= n <= available:
     raise ValueError(f"num_devices={num_devices} but this process has {available} devices: to "
-                     f"simulate {num_devices} set DRY_RUN_DEVICES={num_devices} for "
+                     f"simulate {num_devices} set --config.dry_run.devices={num_devices} for "
                      "`main.py --mode=dry_run`, or start Python with "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} on CPU.")
   if not 0 < mfu <= 1:
@@ -246,111 +242,3 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
       "estimates": {"mfu": mfu, "chips": n,
                     "per_chip": _estimates(flops, n, b, config.train.num_steps, mfu, peak)},
   }
-
-
-def _analyze_in_subprocess(config, num_devices: int, mfu: float = DEFAULT_MFU,
-                           compile: bool = True) -> dict:  # noqa: A002
-  """analyze() in a fresh CPU process with `num_devices` simulated devices."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-      flags + [f"--xla_force_host_platform_device_count={num_devices}"]))
-  with tempfile.TemporaryDirectory() as tmp:
-    cfg_path, out_path = os.path.join(tmp, "config.pkl"), os.path.join(tmp, "out.json")
-    with open(cfg_path, "wb") as f:
-      pickle.dump(config, f)
-    proc = subprocess.run([sys.executable, "-m", "simflow_jax.dry_run", cfg_path, out_path,
-                           str(num_devices), str(mfu), str(int(compile))],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise RuntimeError(f"The dry run on {num_devices} simulated CPU devices failed:\n"
-                         f"{proc.stderr[-4000:]}")
-    with open(out_path) as f:
-      return json.load(f)
-
-
-def _gib(x) -> str:
-  """Bytes in the largest binary unit that keeps the number >= 1."""
-  if x is None:
-    return "-"
-  for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-    if x >= size:
-      return f"{x / size:.2f} {unit}"
-  return f"{x} B"
-
-
-def _log_table(r: dict) -> None:
-  lines = [f"Dry run: {r['mesh']['devices']} x {r['mesh']['platform']} devices, mesh "
-           f"{r['mesh']['shape']}, global batch {r['config']['global_batch']} "
-           f"({r['mesh']['per_device_batch']} per device)"]
-  lines.append("Parameters:")
-  lines += [f"  {k:<24s} {v:>15,d}" for k, v in r["params"].items()]
-  lines += [f"  {'frozen ' + k:<24s} {v:>15,d}" for k, v in r["frozen_params"].items()]
-  f = r["flops"]
-  lines.append(f"FLOPs/step {f['per_step']:.4g} (global batch), {f['per_example']:.4g}/example")
-  m = r["memory"]
-  lines.append("Per device: params " + _gib(m["state_per_device_bytes"]["params"]) +
-               ", optimiser " + _gib(m["state_per_device_bytes"]["opt_state"]) +
-               ", EMA " + _gib(m["state_per_device_bytes"]["ema"]) +
-               ", frozen nets " + _gib(m["frozen_per_device_bytes"]))
-  c = m["compiled_per_device_bytes"]
-  if c:
-    lines.append(f"Compiled step per device: peak {_gib(c['peak'])} "
-                 f"(temporaries {_gib(c['temp'])}, arguments {_gib(c['argument'])}, "
-                 f"donated {_gib(c['alias'])})")
-  t = r["timing_s"]
-  compile_s = ("-" if t["compile"] is None
-               else f"{t['compile']:.1f} s ({t['compile_cpu']:.1f} s CPU)")
-  lines.append(f"Trace+lower {t['trace_and_lower']:.1f} s ({t['trace_and_lower_cpu']:.1f} s CPU), "
-               f"compile {compile_s}, FLOP count lowering {t['flop_count_lowering']:.1f} s; "
-               f"host peak RSS {r['host_peak_rss_mb']:.0f} MiB")
-  e = r["estimates"]
-  lines.append(f"On {e['chips']} chips at {e['mfu']:.0%} MFU ({r['config']['num_steps']:,d} steps; "
-               "prices are assumptions, see dry_run.REFERENCE_CHIPS):")
-  lines.append(f"  {'chip':<10s} {'step s':>9s} {'img/s':>10s} {'run h':>9s} {'$/100k steps':>13s} "
-               f"{'$/run':>11s} fits")
-  for name, x in e["per_chip"].items():
-    lines.append(f"  {name:<10s} {x['step_time_s']:9.3g} {x['images_per_s']:10.4g} "
-                 f"{x['run_hours']:9.3g} {x['usd_per_100k_steps']:13,.0f} "
-                 f"{x['usd_per_run']:11,.0f} {x['fits_in_hbm']}")
-  for line in lines:
-    logging.info("%s", line)
-
-
-def _env_number(name: str, default, cast):
-  value = os.environ.get(name, "")
-  if not value:
-    return default
-  try:
-    return cast(value)
-  except ValueError:
-    raise ValueError(f"{name}={value!r} is not a number: set DRY_RUN_DEVICES=64 for the "
-                     "device count, DRY_RUN_MFU=0.4 for the assumed FLOP utilisation.") from None
-
-
-def run(config, workdir: str) -> dict:
-  """`main.py --mode=dry_run`: analyze on DRY_RUN_DEVICES devices, write WORKDIR/dry_run.json."""
-  n = _env_number("DRY_RUN_DEVICES", 0, int) or jax.device_count()
-  mfu = _env_number("DRY_RUN_MFU", DEFAULT_MFU, float)
-  if n <= jax.device_count():
-    result = analyze(config, num_devices=n, mfu=mfu)
-  else:
-    logging.info("Simulating %d CPU devices in a subprocess (this process has %d).", n,
-                 jax.device_count())
-    result = _analyze_in_subprocess(config, n, mfu)
-  path = epath.Path(workdir) / "dry_run.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2, sort_keys=True))
-  _log_table(result)
-  logging.info("Wrote %s", path)
-  return result
-
-
-if __name__ == "__main__":
-  # Subprocess entry of _analyze_in_subprocess: CONFIG_PICKLE OUT_JSON NUM_DEVICES MFU COMPILE.
-  _cfg_path, _out_path, _n, _mfu, _compile = sys.argv[1:6]
-  with open(_cfg_path, "rb") as _f:
-    _config = pickle.load(_f)
-  with open(_out_path, "w") as _f:
-    json.dump(analyze(_config, num_devices=int(_n), compile=bool(int(_compile)),
-                      mfu=float(_mfu)), _f)

@@ -1,4 +1,4 @@
-"""Exact likelihood of VAE latents under the flow: `--mode=likelihood`.
+"""Exact likelihood of VAE latents under the flow (`--mode=likelihood`, the likelihood evaluator).
 
 One job: bits/dim of the latents of real images under the trained flow, exactly (a
 normalizing flow gives log p(x | y) in closed form; no bound, no estimator), over one
@@ -19,24 +19,14 @@ Labels are each image's true class: a conditional likelihood log p(x | y). Laten
 continuous, so bits/dim can be negative.
 """
 import functools
-import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
-from absl import logging
-from etils import epath
 
-from simflow_jax import checkpoint, losses, sharding, train_step
+from simflow_jax import losses, sharding, train_step
 from simflow_jax.data import pipeline
-from simflow_jax.models import build
 from simflow_jax.models import flow as flow_lib
-
-
-def flow_noise_std(config) -> float:
-  """The extra Gaussian noise on the flow's input in training (loss.flow_noise_std)."""
-  return float(config.loss.flow_noise_std)
 
 
 @functools.partial(jax.jit, static_argnames=("models", "use_mean", "noise_std"))
@@ -46,7 +36,7 @@ def latent_bits_per_dim(models, params, images, labels, rng, use_mean: bool, noi
   params {'vae', 'flow'}; images (B, H, W, C) in [-1, 1]; labels (B,) int32 (the class
   conditioned on; `num_classes` = the null class gives the unconditional density);
   use_mean: the latent is mu (rng unused) or a posterior sample mu + std * eps (+ the
-  noise_augmented noise `noise_std`, see flow_noise_std).
+  noise_augmented noise `noise_std`, see train_step.flow_noise_std).
   """
   inp = train_step.flow_input(models, params["vae"], images, rng, noise_std, use_mean)
   tokens = models.to_tokens(inp.noisy)  # (B, T, D)
@@ -84,7 +74,7 @@ def split_bits_per_dim(config, models, params, mesh=None, split=None, num_exampl
   """
   split = config.data.eval_split if split is None else split
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  noise_std = flow_noise_std(config)
+  noise_std = train_step.flow_noise_std(config)
   loader = pipeline.make_eval_loader(config.data, split, config.data.batch_size,
                                      jax.process_index(), jax.process_count(), num_examples)
   totals = {"mu": 0.0, "sampled": 0.0, "entropy": 0.0, "count": 0.0}
@@ -126,19 +116,16 @@ NOTES = {
 }
 
 
-def run(config, workdir: str) -> dict:
-  """`main.py --mode=likelihood`: loads the EMA generator of WORKDIR's latest checkpoint,
-  evaluates split_bits_per_dim on config.data.eval_split, writes WORKDIR/likelihood.json
-  (numbers + NOTES) and returns the numbers."""
-  models = build.build_models(config)
-  params = checkpoint.load_params(workdir, config, use_ema=True)
-  start = time.time()
-  result = split_bits_per_dim(config, models, params)
-  result["seconds"] = time.time() - start
-  if jax.process_index() == 0:
-    path = epath.Path(workdir) / "likelihood.json"
-    path.write_text(json.dumps({**result, "notes": NOTES}, indent=2, sort_keys=True))
-    logging.info("Likelihood on %s (%d examples): %.4f bits/dim (sampled, ELBO term), %.4f "
-                 "(mu); written to %s", result["split"], result["num_examples"],
-                 result["bits_per_dim_sampled"], result["bits_per_dim_mu"], path)
-  return result
+class LikelihoodEvaluator:
+  """Evaluator type 'likelihood': split_bits_per_dim over the entry's num_examples (0 = all)."""
+
+  def __init__(self, name: str, entry, ctx):
+    self.name, self.entry, self.ctx = name, entry, ctx
+
+  def run(self, params) -> dict:
+    c = self.ctx
+    return split_bits_per_dim(c.config, c.models, params, mesh=c.mesh,
+                              num_examples=self.entry.num_examples or None)
+
+  def figures(self) -> dict:
+    return {}

@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from configs import base
 from simflow_jax import checkpoint, files, sample, sharding
 from simflow_jax.evals import figures
 from simflow_jax.models import build
@@ -88,8 +89,7 @@ GRID_NAME = "sample_grid.png"
 SHARD_NAME = "shard_{:05d}.npz"
 SETTINGS_NAME = "settings.json"
 # config.sample fields that change the samples (with the seed, counts and checkpoint step).
-_SAMPLER_FIELDS = ("temperature", "guidance", "guidance_rule", "guidance_schedule", "guidance_blocks",
-                   "inverse", "jacobi_chunk", "jacobi_threshold", "jacobi_max_iters")
+_SAMPLER_FIELDS = tuple(f.split(".", 1)[1] for f in base.SAMPLER_FIELDS)
 
 
 def _merge_shards(paths: Sequence[epath.Path], out: epath.Path) -> int:
@@ -189,11 +189,9 @@ def run(config, workdir: str) -> dict:
   _check_run_config(config, mesh.size)
   s = config.sample
   models = build.build_models(config)
-  params = checkpoint.load_params(workdir, config, use_ema=s.use_ema)
+  params = checkpoint.load_params(workdir, config)  # sample.use_ema decides which
   params = jax.device_put({"vae": params["vae"], "flow": params["flow"]}, sharding.replicated(mesh))
-  ckpt = checkpoint.Checkpointer(workdir, config, read_only=True)
-  step = int(ckpt.latest_step())
-  ckpt.close()
+  step = checkpoint.latest_step(workdir, config)
   out_dir = epath.Path(workdir) / "samples"
   npz_dir = out_dir / "npz"
   writer = jax.process_index() == 0
