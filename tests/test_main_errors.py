@@ -127,3 +127,20 @@ def test_check_writable_dir(tmp_path):
   for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
     with pytest.raises(files.UnwritableDirError, match=str(tmp_path / "f")):
       files.check_writable_dir(bad)
+
+
+@pytest.mark.parametrize("override", ["train.keep_ckpts=0", "train.ckpt_every=0"])
+def test_main_refuses_before_training(tmp_path, override):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/tiny.py",
+                         f"--workdir={workdir}", f"--config.{override}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+  assert len(lines) == 1 and f"config.{override.split('=')[0]}" in lines[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  # Refused before training: no checkpoint, no metrics.
+  assert not workdir.exists()  # nothing written, not even the workdir
+  assert time.monotonic() - start < 120
