@@ -161,7 +161,7 @@ def main(argv):
   from simflow_jax import sharding
   if _MODE.value != "dry_run":
     if _NUM_PROCESSES.value is not None:
-      jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+      sharding.initialize_distributed(_NUM_PROCESSES.value, _PROCESS_ID.value)
     else:
       sharding.maybe_initialize_distributed()
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),

@@ -31,7 +31,25 @@ def maybe_initialize_distributed() -> None:
            and int(os.environ.get("SLURM_NTASKS", "1")) > 1
            or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
   if multi:
-    jax.distributed.initialize()
+    initialize_distributed()
+
+
+# A process of a multi-process run that stops answering (killed, its host lost) is declared
+# dead after this many seconds; the coordination service then ends every other process with
+# an error naming it, instead of leaving them blocked in a collective. SIMFLOW_HEARTBEAT_TIMEOUT
+# (seconds) overrides it.
+HEARTBEAT_TIMEOUT_S = 100
+
+
+def initialize_distributed(num_processes: int | None = None, process_id: int | None = None,
+                           coordinator_address: str | None = None) -> None:
+  """jax.distributed.initialize with a bounded wait for a dead peer (HEARTBEAT_TIMEOUT_S).
+  The coordinator defaults to JAX_COORDINATOR_ADDRESS (or the cluster's auto-detection)."""
+  timeout = int(os.environ.get("SIMFLOW_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT_S))
+  if timeout < 1:
+    raise ValueError(f"SIMFLOW_HEARTBEAT_TIMEOUT={timeout} must be a positive number of seconds.")
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id, heartbeat_timeout_seconds=timeout)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
@@ -69,13 +87,15 @@ def _leaf_spec(path: str, shape, fsdp: int, mesh_cfg) -> P:
   return P()
 
 
-def tree_shardings(abstract_tree, mesh, mesh_cfg):
-  """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params, opt state, EMA)."""
+def tree_shardings(abstract_tree, mesh, mesh_cfg, prefix: str = ""):
+  """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params, opt state, EMA).
+  `prefix` is put before each leaf's path, for a subtree matched as it sits in the train state
+  (e.g. '.ema' for the EMA parameters alone: the shardings they were trained with)."""
   fsdp = mesh.shape["fsdp"]
 
   def one(path, leaf):
-    return NamedSharding(mesh, _leaf_spec(jax.tree_util.keystr(path), getattr(leaf, "shape", ()),
-                                          fsdp, mesh_cfg))
+    return NamedSharding(mesh, _leaf_spec(prefix + jax.tree_util.keystr(path),
+                                          getattr(leaf, "shape", ()), fsdp, mesh_cfg))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
