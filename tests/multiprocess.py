@@ -19,7 +19,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "main.py")
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 900
 
 
 def free_port() -> int:

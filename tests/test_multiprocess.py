@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
   procs = [multiprocess.start_main(TINY + [f"--workdir={one}"], processes=1),
            multiprocess.start_main(TINY + [f"--workdir={two}"], processes=2)]
   for p in procs:
-    results = p.wait(multiprocess.DEFAULT_TIMEOUT_S * 2)
+    results = p.wait(multiprocess.DEFAULT_TIMEOUT_S)
     assert all(r.returncode == 0 for r in results), multiprocess.report(results)
   return {"one": one, "two": two, "root": root}
 
@@ -116,7 +116,7 @@ def test_checkpoint_of_two_processes_resumes_in_two_exactly_and_in_one(runs):
   procs = [multiprocess.start_main(TINY + [f"--workdir={again}"], processes=2),
            multiprocess.start_main(TINY + [f"--workdir={in_one}"], processes=1)]
   for p in procs:
-    results = p.wait(multiprocess.DEFAULT_TIMEOUT_S * 2)
+    results = p.wait(multiprocess.DEFAULT_TIMEOUT_S)
     assert all(r.returncode == 0 for r in results), multiprocess.report(results)
   assert _rows(again) == _rows(runs["two"])  # bit-exact: the same programs on the same data
   config = tiny.get_config()
