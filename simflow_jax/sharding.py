@@ -1,6 +1,6 @@
 """Device mesh, sharding rules, and the host <-> device plumbing of the CLIs.
 
-Mesh axes: ('data', 'fsdp'). The batch is split over both axes (every device sees
+Mesh axes: ('data', 'fsdp'), built by jax.make_mesh (topology-aware). The batch is split over both axes (every device sees
 its own examples). Parameters and optimiser state are replicated, except leaves
 whose path matches `mesh.fsdp_regex` and that have at least `mesh.fsdp_min_size`
 elements: those are split over 'fsdp' along their largest dimension divisible by
@@ -60,9 +60,27 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   if fsdp < 1 or data * fsdp != n:
     raise ValueError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} must multiply to the "
                      f"{n} available devices (use mesh.data=-1 to take the rest).")
-  grid = np.asarray(devices).reshape(data, fsdp)
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.sharding.Mesh(grid, BATCH_AXES, axis_types=auto)
+  auto = (jax.sharding.AxisType.Auto,) * 2  # linen's sharding constraints need Auto axes
+  # jax.make_mesh orders the devices by the physical topology (TPU ICI rings, GPU NVLink
+  # islands), so that 'fsdp' neighbours are near each other; on CPU it keeps their order.
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto, devices=devices)
+
+
+def process_batch_slot(mesh, batch_size: int) -> tuple[int, int]:
+  """(slot, count): this process's devices hold rows [slot * B/count, (slot + 1) * B/count)
+  of a global batch of batch_size split over the batch axes, count = the process count: the
+  slice the data pipeline must load on this host (pipeline.make_train_loader's process_index).
+  A clear error where the mesh gives a process no contiguous slice of the batch."""
+  count = jax.process_count()
+  per = batch_size // count
+  rows = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  lo = min(r[0].start or 0 for r in rows)
+  hi = max(batch_size if r[0].stop is None else r[0].stop for r in rows)
+  if batch_size % count or hi - lo != per or lo % per:
+    raise ValueError(f"Process {jax.process_index()} holds rows {lo}..{hi} of the global batch "
+                     f"of {batch_size} on this mesh, not one contiguous 1/{count} of it; use "
+                     "mesh.fsdp that divides each host's device count.")
+  return lo // per, count
 
 
 def batch_sharding(mesh) -> NamedSharding:

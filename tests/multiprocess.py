@@ -9,6 +9,11 @@ process has a timeout; stdout and stderr of all are captured, and `check` (or a 
 raises an AssertionError that shows every process's exit code and output.
 
 `start_main` returns the running `Processes` for tests that signal or kill some of them.
+
+XLA:CPU's gloo collectives wait 30 s (fixed) for every peer the first time a program with
+cross-process collectives runs; processes whose compiles drift further apart fail with
+"Gloo context initialization failed". Run one distributed system at a time (no other
+run beside it) so the N processes compile in step.
 """
 import dataclasses
 import os
