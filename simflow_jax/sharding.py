@@ -52,6 +52,20 @@ def initialize_distributed(num_processes: int | None = None, process_id: int | N
                              process_id=process_id, heartbeat_timeout_seconds=timeout)
 
 
+def wait_for_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of every process through the coordination service (no device collective):
+  for meeting after long, uneven work such as compiling, where a collective would give up
+  (XLA:CPU's gloo waits 30 s for the other processes at its first use). Nothing single-host."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize started
+  client = distributed.global_state.client
+  if client is None:
+    multihost_utils.sync_global_devices(name)
+  else:
+    client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
