@@ -215,10 +215,10 @@ def initialize_distributed(jax, sharding) -> None:
   threading.Thread(target=watchdog, daemon=True, name="distributed_timeout").start()
   try:
     if _NUM_PROCESSES.value is not None:
-      jax.distributed.initialize(coordinator_address=coordinator, num_processes=_NUM_PROCESSES.value,
-                                 process_id=_PROCESS_ID.value, initialization_timeout=timeout)
+      sharding.initialize_distributed(_NUM_PROCESSES.value, _PROCESS_ID.value, coordinator,
+                                      initialization_timeout=timeout)
     else:
-      sharding.maybe_initialize_distributed()
+      sharding.maybe_initialize_distributed(initialization_timeout=timeout)
   finally:
     done.set()
 

@@ -22,6 +22,10 @@ Prints one JSON object {"machine", "config", "load_average_{before,after}", "res
   baseline, tarflow: seconds (median), images_per_s, compile_s (baseline)
   speedup_vs_baseline, speedup_vs_tarflow: cached images/s over theirs
   selective_speedup: selective over cached
+  METHOD_bfloat16 (with --kv_cache_dtypes=float32,bfloat16): the same sampler with a
+          bfloat16 KV cache (sample.kv_cache_dtype), and METHOD_bfloat16_speedup over float32;
+          e.g. `--batches=64 --guidance=0 --methods=cached --kv_cache_dtypes=float32,bfloat16`
+          reports batch-64 speed and peak memory of both
 "scaling": for the --scaling configs (and --config), batch 8, unguided, cached: time per
 image, FLOPs per image (flops_per_image) and their rate as a fraction of this process's
 2048^2 f32 matmul rate (matmul_flops_per_s), compile time and peak memory.
@@ -51,6 +55,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed calls of each sampler (interl
 _CHUNK = flags.DEFINE_integer("jacobi_chunk", 32, "Jacobi chunk (0 = the whole sequence).")
 _THRESHOLD = flags.DEFINE_float("jacobi_threshold", 1e-3, "Jacobi stopping threshold.")
 _WINDOWS = flags.DEFINE_integer("kv_windows", 8, "KV-cache windows of a sequentially decoded block.")
+_KV_DTYPES = flags.DEFINE_list("kv_cache_dtypes", ["float32"], "KV-cache dtypes (sample.kv_cache_dtype): "
+                                "float32, bfloat16; each beside float32 is timed as METHOD_DTYPE.")
 _PERTURB = flags.DEFINE_float("perturb", 0.02, "Std of the noise added to the flow parameters.")
 _BASELINE = flags.DEFINE_string("baseline_repo", "", "Checkout of commit 4746437 to time side by side.")
 _TARFLOW = flags.DEFINE_string("tarflow_repo", "", "Checkout of apple/ml-tarflow to time side by side.")
@@ -81,11 +87,13 @@ class Worker:
     self.proc.wait()
 
 
-def build_sampler(flow, params, batch: int, guidance: float, method: str):
+def build_sampler(flow, params, batch: int, guidance: float, method: str, kv_dtype: str = "float32"):
   """Compiles noise -> tokens; returns (call() -> (tokens, steps), compile seconds, peak MB)."""
   guides = guidance_lib.block_guides(flow, guidance)
+  cache_dtype = inverse_lib.kv_cache_dtype(kv_dtype)
   fn = jax.jit(lambda p, z, y: inverse_lib.inverse(flow, p, z, y, method, guides, chunk=_CHUNK.value,
-                                                   threshold=_THRESHOLD.value, windows=_WINDOWS.value))
+                                                   threshold=_THRESHOLD.value, windows=_WINDOWS.value,
+                                                   cache_dtype=cache_dtype))
   z = jax.random.normal(jax.random.key(batch), (batch, flow.seq_len, flow.token_dim))
   y = jnp.arange(batch, dtype=jnp.int32) % flow.num_classes
   t0 = time.perf_counter()
@@ -124,10 +132,12 @@ def make_params(flow):
 def bench_case(flow, params, batch, guidance, workers) -> dict:
   steps_per_call = flow.num_blocks * flow.seq_len
   samplers, out = {}, {}
-  for method in _METHODS.value:
-    call, compile_s, peak = build_sampler(flow, params, batch, guidance, method)
-    samplers[method] = call
-    out[method] = {"compile_s": compile_s, "peak_memory_mb": peak, "times": []}
+  for kv_dtype in _KV_DTYPES.value:
+    for method in _METHODS.value:
+      name = method if kv_dtype == "float32" else f"{method}_{kv_dtype}"
+      call, compile_s, peak = build_sampler(flow, params, batch, guidance, method, kv_dtype)
+      samplers[name] = call
+      out[name] = {"compile_s": compile_s, "peak_memory_mb": peak, "times": []}
   for name in workers:
     out[name] = {"times": []}
   for _ in range(_ROUNDS.value):  # interleaved: ours, then each worker, every round
@@ -149,6 +159,10 @@ def bench_case(flow, params, batch, guidance, workers) -> dict:
       out[f"speedup_vs_{name}"] = out[name]["seconds"] / out["cached"]["seconds"]
   if "cached" in out and "selective" in out:
     out["selective_speedup"] = out["cached"]["seconds"] / out["selective"]["seconds"]
+  for kv_dtype in _KV_DTYPES.value:
+    for method in _METHODS.value:
+      if kv_dtype != "float32" and method in out:
+        out[f"{method}_{kv_dtype}_speedup"] = out[method]["seconds"] / out[f"{method}_{kv_dtype}"]["seconds"]
   return out
 
 
@@ -158,6 +172,11 @@ def main(argv):
     raise app.UsageError("--rounds must be >= 1.")
   for name in [_CONFIG.value, *_SCALING.value]:
     common.flow_model(name)  # unknown names fail before any work
+  for kv_dtype in _KV_DTYPES.value:
+    try:
+      inverse_lib.kv_cache_dtype(kv_dtype)
+    except ValueError as e:
+      raise app.UsageError(f"--kv_cache_dtypes: {e}") from e
   load_before = os.getloadavg()
   workers = {}
   if _BASELINE.value:
@@ -187,6 +206,7 @@ def main(argv):
                      "seconds_per_token_step": statistics.median(times) / (f.num_blocks * f.seq_len)}
   common.emit({"machine": common.machine(), "config": _CONFIG.value, "rounds": _ROUNDS.value,
                "matmul_flops_per_s": peak_rate, "kv_windows": _WINDOWS.value, "jacobi_chunk": _CHUNK.value, "jacobi_threshold": _THRESHOLD.value, "perturb": _PERTURB.value,
+               "kv_cache_dtypes": _KV_DTYPES.value,
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "results": results, "scaling": scaling})
 

@@ -196,6 +196,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.kv_windows = 8             # KV-cache windows of a block decoded token by token: a token
                                # reads the finished prefix and its window (more = less read
                                # per token, more to compile; same samples for any value)
+  s.kv_cache_dtype = "float32"  # float32 | bfloat16: what the sampler's KV cache stores
+                                # (bfloat16 halves it; tests/test_kv_dtype.py bounds the error)
   s.batch_size = 64            # >= 1, the global batch per sampling step
   s.num_samples = 0            # .npz export count (0 = none)
   s.classes = ()               # grid rows, in training and --mode=sample (empty = all up to 10)

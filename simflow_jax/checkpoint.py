@@ -107,13 +107,32 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint found in {self.directory}.")
     self._check_meta(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    rescale = data_iterator is not None and self._data_saved_by_other_count(step)
+    if data_iterator is not None and not rescale:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - corrupt, partial, or from an incompatible version
       raise self.unreadable(step, e) from e
+    if rescale:
+      self._restore_rescaled_data(step, data_iterator)
     return restored["state"]
+
+  def _data_saved_by_other_count(self, step: int) -> bool:
+    """Whether step's data position was saved by a different number of processes."""
+    folder = self.directory / str(step) / "data"
+    own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return folder.exists() and not own.exists() and any(folder.glob("process_0-of-*.json"))
+
+  def _restore_rescaled_data(self, step: int, data_iterator) -> None:
+    """The data position of a run saved by another number of processes, moved to this one
+    (data/pipeline.py, rescale_train_state), or a clear error saying why it cannot be."""
+    from simflow_jax.data import pipeline  # local: only a host-count change needs it
+    saved = next((self.directory / str(step) / "data").glob("process_0-of-*.json"))
+    saved_count = int(saved.name[len("process_0-of-"):-len(".json")])
+    state = pipeline.rescale_train_state(json.loads(saved.read_text()), saved_count,
+                                         jax.process_count())
+    data_iterator.set_state(state)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -163,3 +182,45 @@ def load_params(workdir: str, config, use_ema: Optional[bool] = None) -> dict:
     raise CheckpointError(f"Checkpoint {path / str(step)} does not match the config's models.")
   return jax.tree.map(jax.numpy.asarray, tree)
 
+
+
+def restore_generator_params(workdir: str, config, mesh, use_ema: bool = True,
+                             step: Optional[int] = None) -> dict:
+  """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest (or `step`'s)
+  checkpoint, EMA by default (raw training parameters with use_ema=False), restored straight
+  into the shardings the config's mesh rules give on `mesh` (sharding.tree_shardings: split
+  over 'fsdp' as they were trained). An orbax partial restore: only these arrays are read,
+  each device reading its own shard; the optimiser moments, the other copy of the
+  parameters and the discriminator are never read. Works whatever mesh or process count
+  wrote the checkpoint. Clear errors when there is none or it does not fit the config."""
+  from simflow_jax import sharding  # local: checkpoint.py is imported by sharding's users
+  path = epath.Path(workdir) / "checkpoints"
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoints in {path}: train first with "
+                            f"`python main.py --config=... --workdir={workdir}`, or pass the "
+                            "--workdir of a finished run.")
+  ckpt = Checkpointer(workdir, config, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"{path} holds no finished checkpoint.")
+  ckpt._check_meta(step)
+  models = build.build_models(config)
+  abstract = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
+  abstract = {k: v for k, v in abstract.items() if k != "disc"}
+  key = "ema" if use_ema else "params"
+  shardings = sharding.tree_shardings(abstract, mesh, config.mesh, prefix="." + key)
+  target = {key: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)}
+  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  manager = ocp.CheckpointManager(
+      path, item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+  except Exception as e:  # noqa: BLE001 - corrupt, partial, or saved with other shapes
+    raise ckpt.unreadable(step, e) from e
+  finally:
+    manager.close()
+  return restored[key]

@@ -15,6 +15,17 @@ Measured on a 2-core machine (README, Performance), that step went from 4.9 s wi
 of kernel time and 910,000 page faults per step to 3.4 s, 0.02 s and 24 faults. The
 price: the process keeps its peak memory until it exits.
 
+Only where it helps: the CPU backend. On a TPU or GPU host the parameters, activations and
+XLA's temporary buffers live in accelerator memory; host malloc serves the input pipeline
+(grain workers decoding images in many threads, where one arena serialises them) and
+checkpoint I/O, and keeping every freed byte would only pin host memory. So the decision
+(`cpu_backend`, made before JAX is imported, from the environment and the machine):
+  JAX_PLATFORMS (or JAX_PLATFORM_NAME) set: re-execute only when its first platform is cpu;
+  otherwise: not where the host has accelerator device nodes (/dev/accel*, /dev/vfio: TPU;
+  /dev/nvidia*: NVIDIA; /dev/kfd: AMD) or the TPU runtime (libtpu) is installed; else yes.
+Processes started from main.py (grain's data-loader workers) inherit the environment:
+on TPU/GPU hosts main.py never sets GLIBC_TUNABLES, so they run with glibc's defaults.
+
 glibc reads tunables only when a process starts, so main.py and the benchmark scripts
 re-execute themselves once with these added to GLIBC_TUNABLES (`reexec_keeping_memory`,
 called before JAX is imported). Nothing happens except on Linux with glibc 2.26 or newer
@@ -23,6 +34,8 @@ tunable: setting one yourself (e.g. GLIBC_TUNABLES=glibc.malloc.arena_max=8) lea
 malloc as you set it, and a re-executed process never re-executes again. This module must
 not import JAX.
 """
+import glob
+import importlib.util
 import os
 import platform
 import sys
@@ -37,15 +50,35 @@ def _glibc_version() -> tuple[int, ...]:
   return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
-def keep_memory_environ(environ, system: str | None = None,
-                        glibc: tuple[int, ...] | None = None) -> dict | None:
+_ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/*", "/dev/nvidia*", "/dev/kfd")
+
+
+def accelerators() -> tuple[str, ...]:
+  """This machine's accelerator device nodes, and 'libtpu' where the TPU runtime is installed."""
+  found = tuple(path for pattern in _ACCELERATOR_NODES for path in sorted(glob.glob(pattern)))
+  return found + (("libtpu",) if importlib.util.find_spec("libtpu") is not None else ())
+
+
+def cpu_backend(environ, accelerator: tuple[str, ...] | None = None) -> bool:
+  """Whether JAX will run on the CPU backend (the module docstring's rule; without JAX)."""
+  platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not (accelerators() if accelerator is None else accelerator)
+
+
+def keep_memory_environ(environ, system: str | None = None, glibc: tuple[int, ...] | None = None,
+                        accelerator: tuple[str, ...] | None = None) -> dict | None:
   """The environment to re-execute with (a copy of `environ` with TUNABLES appended to
-  GLIBC_TUNABLES), or None where that would change nothing or the user set malloc's
-  tunables (see the module docstring). system and glibc default to this machine's."""
+  GLIBC_TUNABLES), or None where that would change nothing, JAX will not run on the CPU
+  (cpu_backend) or the user set malloc's tunables (see the module docstring). system, glibc
+  and accelerator default to this machine's."""
   system = sys.platform if system is None else system
   glibc = _glibc_version() if glibc is None else glibc
   tunables = environ.get("GLIBC_TUNABLES", "")
   if not system.startswith("linux") or glibc < (2, 26) or "glibc.malloc." in tunables:
+    return None
+  if not cpu_backend(environ, accelerator):
     return None
   env = dict(environ)
   env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLES}" if tunables else TUNABLES

@@ -6,7 +6,8 @@ the guidance rules are models/inverse.py and models/guidance.py, and the
 
 `sample_cfg` is `config.sample` (configs/base.py): temperature, guidance and its rule,
 schedule and blocks, and the inverse (cached | jacobi | selective) with its Jacobi chunk,
-threshold and iteration cap, and the sequential decoder's KV-cache windows. Tokens are
+threshold and iteration cap, and the sequential decoder's KV-cache windows and the dtype the
+KV cache stores (`kv_cache_dtype`: float32, or bfloat16 for half the cache memory). Tokens are
 (B, T, D), images (B, H, W, C) in [-1, 1].
 """
 import copy
@@ -42,7 +43,8 @@ def sample_tokens(models, flow_params, labels, rng, sample_cfg):
       models.flow, flow_params, z, labels, sample_cfg.inverse,
       guidance_lib.guides_from_config(models.flow, sample_cfg), chunk=sample_cfg.jacobi_chunk,
       threshold=sample_cfg.jacobi_threshold, max_iters=sample_cfg.jacobi_max_iters,
-      windows=sample_cfg.kv_windows)
+      windows=sample_cfg.kv_windows,
+      cache_dtype=inverse_lib.kv_cache_dtype(sample_cfg.get("kv_cache_dtype", "float32")))
   return tokens, {"steps": steps}
 
 
@@ -59,6 +61,7 @@ def make_sample_fn(models, sample_cfg):
   sample_cfg is taken now (later edits do not apply). Concrete, fully addressable labels
   are checked with check_labels before the call."""
   sample_cfg = copy.deepcopy(sample_cfg)
+  inverse_lib.kv_cache_dtype(sample_cfg.get("kv_cache_dtype", "float32"))  # a bad name fails now
   jitted = jax.jit(functools.partial(sample_images, models, sample_cfg=sample_cfg))
 
   def sample_fn(params, labels, rng):

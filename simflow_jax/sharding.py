@@ -1,6 +1,6 @@
 """Device mesh, sharding rules, and the host <-> device plumbing of the CLIs.
 
-Mesh axes: ('data', 'fsdp'). The batch is split over both axes (every device sees
+Mesh axes: ('data', 'fsdp'), built by jax.make_mesh (topology-aware). The batch is split over both axes (every device sees
 its own examples). Parameters and optimiser state are replicated, except leaves
 whose path matches `mesh.fsdp_regex` and that have at least `mesh.fsdp_min_size`
 elements: those are split over 'fsdp' along their largest dimension divisible by
@@ -24,14 +24,49 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(initialization_timeout: int = 300) -> None:
   """Multi-host TPU pods, SLURM clusters and explicit coordinators need
   jax.distributed.initialize() before any other JAX call; single hosts do not."""
   multi = ("JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
            and int(os.environ.get("SLURM_NTASKS", "1")) > 1
            or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
   if multi:
-    jax.distributed.initialize()
+    initialize_distributed(initialization_timeout=initialization_timeout)
+
+
+# A process of a multi-process run that stops answering (killed, its host lost) is declared
+# dead after this many seconds; the coordination service then ends every other process with
+# an error naming it, instead of leaving them blocked in a collective. SIMFLOW_HEARTBEAT_TIMEOUT
+# (seconds) overrides it.
+HEARTBEAT_TIMEOUT_S = 100
+
+
+def initialize_distributed(num_processes: int | None = None, process_id: int | None = None,
+                           coordinator_address: str | None = None,
+                           initialization_timeout: int = 300) -> None:
+  """jax.distributed.initialize with a bounded wait for a dead peer (HEARTBEAT_TIMEOUT_S).
+  The coordinator defaults to JAX_COORDINATOR_ADDRESS (or the cluster's auto-detection); the
+  processes must all join within `initialization_timeout` seconds."""
+  timeout = int(os.environ.get("SIMFLOW_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT_S))
+  if timeout < 1:
+    raise ValueError(f"SIMFLOW_HEARTBEAT_TIMEOUT={timeout} must be a positive number of seconds.")
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id, initialization_timeout=initialization_timeout,
+                             heartbeat_timeout_seconds=timeout)
+
+
+def wait_for_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of every process through the coordination service (no device collective):
+  for meeting after long, uneven work such as compiling, where a collective would give up
+  (XLA:CPU's gloo waits 30 s for the other processes at its first use). Nothing single-host."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize started
+  client = distributed.global_state.client
+  if client is None:
+    multihost_utils.sync_global_devices(name)
+  else:
+    client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
@@ -42,9 +77,27 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   if fsdp < 1 or data * fsdp != n:
     raise ValueError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} must multiply to the "
                      f"{n} available devices (use mesh.data=-1 to take the rest).")
-  grid = np.asarray(devices).reshape(data, fsdp)
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.sharding.Mesh(grid, BATCH_AXES, axis_types=auto)
+  auto = (jax.sharding.AxisType.Auto,) * 2  # linen's sharding constraints need Auto axes
+  # jax.make_mesh orders the devices by the physical topology (TPU ICI rings, GPU NVLink
+  # islands), so that 'fsdp' neighbours are near each other; on CPU it keeps their order.
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto, devices=devices)
+
+
+def process_batch_slot(mesh, batch_size: int) -> tuple[int, int]:
+  """(slot, count): this process's devices hold rows [slot * B/count, (slot + 1) * B/count)
+  of a global batch of batch_size split over the batch axes, count = the process count: the
+  slice the data pipeline must load on this host (pipeline.make_train_loader's process_index).
+  A clear error where the mesh gives a process no contiguous slice of the batch."""
+  count = jax.process_count()
+  per = batch_size // count
+  rows = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  lo = min(r[0].start or 0 for r in rows)
+  hi = max(batch_size if r[0].stop is None else r[0].stop for r in rows)
+  if batch_size % count or hi - lo != per or lo % per:
+    raise ValueError(f"Process {jax.process_index()} holds rows {lo}..{hi} of the global batch "
+                     f"of {batch_size} on this mesh, not one contiguous 1/{count} of it; use "
+                     "mesh.fsdp that divides each host's device count.")
+  return lo // per, count
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -69,13 +122,15 @@ def _leaf_spec(path: str, shape, fsdp: int, mesh_cfg) -> P:
   return P()
 
 
-def tree_shardings(abstract_tree, mesh, mesh_cfg):
-  """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params, opt state, EMA)."""
+def tree_shardings(abstract_tree, mesh, mesh_cfg, prefix: str = ""):
+  """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params, opt state, EMA).
+  `prefix` is put before each leaf's path, for a subtree matched as it sits in the train state
+  (e.g. '.ema' for the EMA parameters alone: the shardings they were trained with)."""
   fsdp = mesh.shape["fsdp"]
 
   def one(path, leaf):
-    return NamedSharding(mesh, _leaf_spec(jax.tree_util.keystr(path), getattr(leaf, "shape", ()),
-                                          fsdp, mesh_cfg))
+    return NamedSharding(mesh, _leaf_spec(prefix + jax.tree_util.keystr(path),
+                                          getattr(leaf, "shape", ()), fsdp, mesh_cfg))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 

@@ -170,6 +170,11 @@ def train(config, workdir: str) -> dict:
       writer.write_hparams(config)
 
     step_fn = spec.fn
+    if jax.process_count() > 1:
+      # Compile first, then meet: XLA:CPU's gloo waits only 30 s for the other processes at
+      # the first collective, and their compiles of the step may drift further apart.
+      step_fn = spec.fn.lower(spec.state, spec.batch, spec.frozen).compile()
+      sharding.wait_for_processes("simflow_jax train step compiled")
     sample_fn = sample.make_sample_fn(models, config.sample)  # compiled once, used for every grid
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     periodic = declared.build_evaluators(config, models, mesh, workdir, periodic=True)

@@ -10,7 +10,7 @@ import pytest
 from simflow_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LINUX = {"system": "linux", "glibc": (2, 36)}
+LINUX = {"system": "linux", "glibc": (2, 36), "accelerator": ()}
 
 
 def test_environ_gains_the_tunables_only_where_the_user_set_none():
@@ -24,8 +24,25 @@ def test_environ_gains_the_tunables_only_where_the_user_set_none():
       ({}, {"glibc": (2, 25)}),                              # no such tunables yet
       ({}, {"glibc": ()}),                                   # musl, or unknown
       ({}, {"system": "darwin"}),
+      ({}, {"accelerator": ("/dev/accel0",)}),              # a TPU host
+      ({}, {"accelerator": ("/dev/nvidia0",)}),             # a GPU host
+      ({"JAX_PLATFORMS": "tpu,cpu"}, {}),
+      ({"JAX_PLATFORMS": "cuda"}, {"accelerator": ()}),
   ]:
     assert host_memory.keep_memory_environ(environ, **{**LINUX, **overrides}) is None, (environ, overrides)
+
+
+def test_cpu_backend_decision():
+  assert host_memory.cpu_backend({}, accelerator=())
+  assert host_memory.cpu_backend({"JAX_PLATFORMS": "cpu"}, accelerator=("/dev/nvidia0",))
+  assert host_memory.cpu_backend({"JAX_PLATFORM_NAME": "cpu"}, accelerator=("libtpu",))
+  assert not host_memory.cpu_backend({}, accelerator=("/dev/accel0",))
+  assert not host_memory.cpu_backend({}, accelerator=("libtpu",))
+  assert not host_memory.cpu_backend({"JAX_PLATFORMS": "cuda,cpu"}, accelerator=())
+  assert not host_memory.cpu_backend({"JAX_PLATFORMS": "tpu"}, accelerator=())
+  kept = host_memory.keep_memory_environ({"JAX_PLATFORMS": "cpu"}, accelerator=("/dev/accel0",),
+                                         **{k: v for k, v in LINUX.items() if k != "accelerator"})
+  assert kept is not None and kept["GLIBC_TUNABLES"] == host_memory.TUNABLES
 
 
 def _clean_env():

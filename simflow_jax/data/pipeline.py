@@ -2,15 +2,21 @@
 
 One job: turn a source (`sources.make_source`) into numpy batches for the trainer.
 
-Training (`make_train_loader`): each host takes its own shard of the split
-(examples process_index, process_index + process_count, ...), shuffles it with
-`seed` (a new order every epoch), repeats forever, center-crops/resizes to
-`data.image_size` (ADM), flips left-right with probability 1/2 when
-`data.random_flip`, batches `data.batch_size // process_count` examples with
-drop_remainder and scales to float32 [-1, 1]. The same seed gives the same
-stream. The returned grain DatasetIterator has `get_state()` / `set_state()`:
-restoring a saved state in a fresh iterator continues exactly where the saved
-one was (store the state in the checkpoint).
+Training (`make_train_loader`): ONE global stream, the same whatever the number of
+hosts: the whole split shuffled with `seed` (a new order every epoch), repeated
+forever, center-cropped/resized to `data.image_size` (ADM) and flipped left-right
+with probability 1/2 when `data.random_flip` (the flip's randomness is drawn from
+the example's position in the global stream). Global batch k is examples
+[k B, (k + 1) B) of that stream (B = `data.batch_size`); host h of n loads only
+its slice [k B + h B/n, k B + (h + 1) B/n) of it, in order, so the hosts' slices
+concatenated in process order (what `jax.make_array_from_process_local_data`
+builds) are the global batch: 2 hosts x 4 devices train on exactly the batches
+of 1 host x 8 devices. Images are scaled to float32 [-1, 1]. The same seed gives
+the same stream. The returned grain DatasetIterator has `get_state()` /
+`set_state()`: restoring a saved state in a fresh iterator continues exactly
+where the saved one was (store the state in the checkpoint). Its state counts
+host-local examples; `rescale_train_state` converts a state saved with another
+host count (worker_count 0 only).
 
 Eval (`make_eval_loader`): one pass over (the first `num_examples` of) a split,
 no shuffle, no flip; the host shard is padded to whole batches with zero images
@@ -44,6 +50,44 @@ def per_host_batch_size(batch_size: int, process_count: int) -> int:
     raise ValueError(f"The global batch size {batch_size} must be a positive multiple of the "
                      f"number of hosts ({process_count}); change data.batch_size.")
   return batch_size // process_count
+
+
+def rescale_train_state(state: dict, saved_count: int, process_count: int) -> dict:
+  """A training iterator state saved by one of `saved_count` hosts -> the same position (the
+  same number of global batches consumed) for a host of `process_count`. Every host of a run
+  is at the same global batch, so any saved host's state serves. Only the single-process
+  loader's state ({'next_index': n}, data.worker_count=0) can be converted."""
+  if set(state) != {"next_index"}:
+    raise ValueError(f"This checkpoint's data position was saved by {saved_count} hosts with "
+                     f"data.worker_count > 0 and cannot be moved to {process_count} hosts; resume "
+                     f"with {saved_count} processes, or train with data.worker_count=0.")
+  examples = int(state["next_index"]) * saved_count  # global examples consumed: k * B
+  if examples % process_count:
+    raise ValueError(f"The saved data position ({examples} examples) is not a whole number of "
+                     f"batches for {process_count} hosts.")
+  return {"next_index": examples // process_count}
+
+
+class _HostSlice(grain.MapDataset):
+  """Host `index`'s slices of consecutive global batches of `parent`: element i is
+  parent[(i // b) * B + index * b + i % b] with b = B / count."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._global, self._local, self._offset = global_batch, global_batch // count, index * (global_batch // count)
+    self._length = len(parent) // global_batch * self._local
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, within = divmod(index, self._local)
+    return self._parent[batch * self._global + self._offset + within]
+
+  def __str__(self) -> str:
+    return f"_HostSlice(global_batch={self._global}, host_batch={self._local}, offset={self._offset})"
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -118,16 +162,15 @@ def make_train_loader(data_cfg, seed: int, process_index: int = 0,
   _check_process(process_index, process_count)
   batch = per_host_batch_size(data_cfg.batch_size, process_count)
   source = sources.make_source(data_cfg, data_cfg.train_split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f"Host {process_index} of {process_count} got no training examples "
-                     f"(the split has {len(source)}).")
-  ds = ds.seed(seed).shuffle()
-  if data_cfg.random_flip:
+  if len(source) == 0:
+    raise ValueError(f"The training split {data_cfg.train_split!r} has no examples.")
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  if data_cfg.random_flip:  # before the host slice: the flip depends on the global position
     ds = ds.random_map(_CropResizeFlip(data_cfg.image_size, data_cfg.channels))
   else:
     ds = ds.map(_CropResize(data_cfg.image_size, data_cfg.channels))
-  return _finish(ds.repeat(None), batch, drop_remainder=True, worker_count=data_cfg.worker_count)
+  ds = _HostSlice(ds, data_cfg.batch_size, process_index, process_count)
+  return _finish(ds, batch, drop_remainder=True, worker_count=data_cfg.worker_count)
 
 
 def make_eval_loader(data_cfg, split: str, batch_size: int, process_index: int = 0,

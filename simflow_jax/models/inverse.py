@@ -20,6 +20,10 @@ the relative change max_b max|x_new - x| / max|x_new| (over the chunk, per examp
 the worst example) is below `threshold`, or after `max_iters` iterations (0 = the number
 of new tokens in the chunk). After j iterations the chunk's first j new tokens are exact,
 so the cap (also applied to larger max_iters) is exact decoding.
+
+`cache_dtype` is what the KV cache stores (None: the flow's compute dtype). A bfloat16
+cache halves the memory every decoded token reads; keys and values are rounded to 8
+mantissa bits when written and computed with at the flow's dtype when read.
 """
 from typing import Optional, Sequence
 
@@ -52,7 +56,18 @@ def unroll_layers(flow: flow_lib.Flow, params):
   return flow.clone(scan_layers=False, remat=False), unstack(params)
 
 
-def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guide]):
+KV_CACHE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def kv_cache_dtype(name: str):
+  """config.sample.kv_cache_dtype -> the cache's dtype; a clear error for any other name."""
+  if name not in KV_CACHE_DTYPES:
+    raise ValueError(f"sample.kv_cache_dtype={name!r} is not one of {sorted(KV_CACHE_DTYPES)}.")
+  return KV_CACHE_DTYPES[name]
+
+
+def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guide],
+               cache_dtype=None):
   """Block k's affine parameters as functions of the tokens, guided if `guide` is given:
     decode(x_in (B, S, D), pos, cache) -> (log_sigma, b (B, S, D), cache)   (Flow.block_decode)
     dense(x (B, T, D)) -> (log_sigma, b (B, T, D))                          (Flow.block_params)
@@ -77,7 +92,7 @@ def _block_fns(flow: flow_lib.Flow, params, k: int, labels, guide: Optional[Guid
   def cache(x, window):
     fill = twice(_zeros_after(x))  # (B,) or (2B,)
     return layers.init_kv_cache(flow.layers_per_block[k], fill.shape[0], window, flow.width,
-                                flow.head_dim, flow.dtype, fill)
+                                flow.head_dim, cache_dtype or flow.dtype, fill)
 
   def next_window(kv, x, window):
     return layers.next_kv_window(kv, window, twice(_zeros_after(x)))
@@ -121,11 +136,12 @@ def window_bounds(t_len: int, windows: int, lag: int = 0) -> list[int]:
 
 
 def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
-                        max_iters=0, windows=8):
+                        max_iters=0, windows=8, cache_dtype=None):
   """Token by token with the KV cache as the scan carry (updated in place): one lax.scan
   per cache window, so a token attends to the finished prefix and its own window only."""
   del threshold, max_iters
-  decode, _, new_cache, next_window = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  decode, _, new_cache, next_window = _block_fns(*unroll_layers(flow, params), k, labels, guide,
+                                                 cache_dtype)
   bsz, t_len, d = z_blk.shape
   lag = flow.cache_lag
 
@@ -148,9 +164,9 @@ def invert_block_cached(flow, params, k, z_blk, labels, guide=None, chunk=0, thr
 
 
 def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=0.0,
-                       max_iters=0, windows=1):
-  """The reference: T full causal passes, token t set by pass t."""
-  del threshold, max_iters, windows
+                       max_iters=0, windows=1, cache_dtype=None):
+  """The reference: T full causal passes, token t set by pass t (no cache)."""
+  del threshold, max_iters, windows, cache_dtype
   _, dense, _, _ = _block_fns(flow, params, k, labels, guide)
 
   def body(t, x):
@@ -162,12 +178,12 @@ def invert_block_dense(flow, params, k, z_blk, labels, guide=None, chunk=0, thre
 
 
 def invert_block_jacobi(flow, params, k, z_blk, labels, guide=None, chunk=0, threshold=1e-3,
-                        max_iters=0, windows=1):
+                        max_iters=0, windows=1, cache_dtype=None):
   """Jacobi iteration chunk by chunk; returns (x_blk, iterations per chunk (num_chunks,)).
   `chunk` is static; `threshold` and `max_iters` may be traced (one compile serves all).
   The cache is one window of all T slots (the chunk loop is a lax.scan)."""
   del windows
-  decode, _, new_cache, _ = _block_fns(*unroll_layers(flow, params), k, labels, guide)
+  decode, _, new_cache, _ = _block_fns(*unroll_layers(flow, params), k, labels, guide, cache_dtype)
   t_len = z_blk.shape[1]
   c, num_chunks = _chunks(t_len, chunk)
   max_iters = jnp.asarray(max_iters, jnp.int32)
@@ -216,7 +232,7 @@ def block_method(flow: flow_lib.Flow, method: str, k: int) -> str:
 
 def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
             guides: Optional[Sequence[Optional[Guide]]] = None, *, chunk: int = 0,
-            threshold=1e-3, max_iters=0, windows: int = 8):
+            threshold=1e-3, max_iters=0, windows: int = 8, cache_dtype=None):
   """z (B, T, D) standard normal -> (x (B, T, D) float32, steps (K, num_chunks) int32).
 
   guides[k] is block k's guide or None (models/guidance.py: block_guides); None = unguided.
@@ -225,7 +241,8 @@ def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
   and `max_iters` act on the Jacobi blocks (see the module docstring); `windows` (static,
   >= 1) splits a sequentially decoded block's token loop into that many KV-cache windows
   (invert_block_cached): more windows read less of the cache per token and compile more
-  loop bodies; the result is the same for any number.
+  loop bodies; the result is the same for any number. `cache_dtype`: the KV cache's dtype
+  (None: the flow's dtype; module docstring).
   """
   x = flow.apply({"params": params}, z.astype(jnp.float32), method=flow_lib.Flow.from_prior)
   steps = [None] * flow.num_blocks
@@ -234,6 +251,6 @@ def inverse(flow: flow_lib.Flow, params, z, labels, method: str = "cached",
     reverse = k % 2 == 1
     x = jnp.flip(x, 1) if reverse else x
     x, steps[k] = _INVERTERS[block_method(flow, method, k)](
-        flow, params, k, x, labels, guide, chunk, threshold, max_iters, windows)
+        flow, params, k, x, labels, guide, chunk, threshold, max_iters, windows, cache_dtype)
     x = jnp.flip(x, 1) if reverse else x
   return x, jnp.stack(steps)
