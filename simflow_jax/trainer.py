@@ -22,9 +22,7 @@ step, save a checkpoint there and raise `Interrupted`; a second signal ends the
 process at once. Returns the last logged metrics (a dict of floats).
 """
 import json
-import os
 import signal
-import threading
 import time
 
 import jax
@@ -34,46 +32,10 @@ from absl import logging
 from etils import epath
 
 from configs import base
-from simflow_jax import checkpoint, files, metric_writers, sample, sharding, steps
+from simflow_jax import checkpoint, files, metric_writers, sample, sharding, signals, steps
 from simflow_jax.data import pipeline
 from simflow_jax.errors import Interrupted, NonFiniteLossError
 from simflow_jax.evals import declared, figures
-
-
-class _StopOnSignal:
-  """SIGINT / SIGTERM handlers for the training loop (main thread only; the previous
-  handlers come back on exit). The first signal only sets `signum`, which the loop checks
-  after each step: nothing is raised inside whatever code the signal interrupts (XLA
-  callbacks swallow a KeyboardInterrupt). A second signal ends the process at once with
-  the default action of that signal."""
-
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    return self
-
-  def __exit__(self, *exc_info):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    name = signal.Signals(signum).name
-    if self.signum is not None:  # the second signal: stop now, without saving
-      os.write(2, f"{name} again: exiting now without saving; the last saved checkpoint is "
-                  "kept.\n".encode())
-      signal.signal(signum, signal.SIG_DFL)
-      os.kill(os.getpid(), signum)
-      return
-    self.signum = signum
-    os.write(2, f"{name} received: stopping after the current step to save a checkpoint "
-                f"(send {name} again to exit at once without saving).\n".encode())
 
 
 def _grid_labels(config) -> np.ndarray:
@@ -150,7 +112,7 @@ def train(config, workdir: str) -> dict:
                                          jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir, config)
   start = ckpt.latest_step()
-  with jax.set_mesh(mesh), _StopOnSignal() as stop:
+  with jax.set_mesh(mesh), signals.StopOnSignal("step", "save a checkpoint") as stop:
     if start is None:
       state = spec.create_state(rng)
       if t.vae_checkpoint:
@@ -182,7 +144,7 @@ def train(config, workdir: str) -> dict:
     acc, n_acc, last, t_log, step_log = None, 0, {}, time.time(), start
     done, metrics = start, None
     for step in range(start, t.num_steps):
-      if _stop_requested(stop, done, t.log_every):
+      if signals.stop_agreed(stop, done, t.log_every):
         _stop(stop, ckpt, done, state, data_iter, metrics, workdir, writer)
       batch = sharding.global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch, frozen)
@@ -218,7 +180,7 @@ def train(config, workdir: str) -> dict:
     if start < t.num_steps or ckpt.latest_step() != t.num_steps:
       _save_checked(ckpt, t.num_steps, state, data_iter, metrics if start < t.num_steps else None,
                     workdir, force=True)
-    if _stop_requested(stop, 0, 1):  # arrived after the last step: the final checkpoint is saved
+    if signals.stop_agreed(stop, 0, 1):  # arrived after the last step: the final checkpoint is saved
       _stop(stop, ckpt, t.num_steps, state, data_iter, None, workdir, writer)
     grid = write_sample_grid(sample_fn, config, state.ema, t.num_steps, workdir, writer)
     last["grid_path"] = grid
@@ -227,20 +189,6 @@ def train(config, workdir: str) -> dict:
     writer.close()
   logging.info("Done: %d steps; sample grid %s", t.num_steps, grid)
   return last
-
-
-def _stop_requested(stop, done: int, log_every: int) -> bool:
-  """Whether to stop before the next step. Multi-host runs agree on it at logging steps
-  (one host may get the signal a step later than another; all must stop together)."""
-  if jax.process_count() == 1:
-    return stop.signum is not None
-  if done % log_every:
-    return False
-  from jax.experimental import multihost_utils  # local: a collective only multi-host runs need
-  signum = int(np.max(multihost_utils.process_allgather(np.int32(stop.signum or 0))))
-  if signum and stop.signum is None:
-    stop.signum = signum
-  return bool(signum)
 
 
 def _stop(stop, ckpt, done, state, data_iter, metrics, workdir, writer):
