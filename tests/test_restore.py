@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from simflow_jax import checkpoint, sharding, train
+from simflow_jax import checkpoint, sharding, steps
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def saved(tmp_path_factory):
   with config.unlocked():
     config.mesh.fsdp, config.mesh.fsdp_min_size = 8, 256  # the tiny model's larger kernels split
   mesh = sharding.make_mesh(config.mesh)
-  spec = train.build_step(config, mesh)
+  spec = steps.build_step(config, mesh)
   state = spec.create_state(jax.random.key(0))
   state = state.replace(ema=jax.tree.map(lambda x: x * 0.5 + 1.0, state.ema))
   workdir = str(tmp_path_factory.mktemp("restore"))
