@@ -7,7 +7,7 @@ Reads one JSON request per line on stdin, {"batch": B, "guidance": W}, runs that
 sampler once (compiling it at its first request) and answers one JSON line:
 {"seconds": ..., "compile_s": ...}. Implementations:
   baseline  simflow_jax of --baseline_repo, a checkout of commit 4746437 (the cached
-            flow.inverse with sample.guide_for_block): today's sampler before this rewrite;
+            flow.inverse with sample.guide_for_block), an earlier sampler of this project;
   tarflow   apple/ml-tarflow's transformer_flow.Model.reverse (PyTorch, KV cache by
             torch.cat), imported from --tarflow_repo, never copied here.
 Both sample the flow config with random non-trivial weights (common.random_params,

@@ -9,9 +9,8 @@ AdamW (lr 1e-4), then reads one JSON request per line on stdin, {"steps": N}, ru
 steps (model.get_loss on random inputs, backward, AdamW) and answers one JSON line:
 {"seconds": [one per step]}.
 
-Its own process because PyTorch in the JAX benchmark's process slowed the JAX step:
-measured at tarflow256, one JAX step took 3.45 s alone, 3.87 s with torch imported and
-6.7 s right after a torch step in the same process.
+Its own process because PyTorch in the JAX benchmark's process slows the JAX step (both
+use the same cores and allocator; a torch step just before a JAX step also evicts its caches).
 """
 import json
 import sys

@@ -115,8 +115,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.remat = False
   f.scan_layers = True        # a block's layers stacked with nn.scan (flat compile time in depth)
   f.scan_unroll = 2           # layers per scan iteration: the same parameters and results;
-                              # 2 runs a two-layer block as straight-line code (1.2-1.3x faster
-                              # train step on a CPU than 1); compile time grows with it
+                              # 2 runs a two-layer block as straight-line code (faster on a CPU
+                              # than 1: docs/performance.md); compile time grows with it
 
   # ---- losses; SimFlow's own weights are OPEN ----------------------------------------
   c.loss = l = ml_collections.ConfigDict()

@@ -11,9 +11,9 @@ and the next step reuses it:
   glibc.malloc.mmap_max=0            no allocation gets its own mapping
   glibc.malloc.trim_threshold=2**40  free memory at the top of the heap is never returned
 
-Measured on a 2-core machine (README, Performance), that step went from 4.9 s with 2.3 s
-of kernel time and 910,000 page faults per step to 3.4 s, 0.02 s and 24 faults. The
-price: the process keeps its peak memory until it exits.
+Without them, every CPU train step returns its large temporary buffers to the kernel and
+faults them back in page by page on the next step (docs/performance.md has the numbers).
+The price: the process keeps its peak memory until it exits.
 
 Only where it helps: the CPU backend. On a TPU or GPU host the parameters, activations and
 XLA's temporary buffers live in accelerator memory; host malloc serves the input pipeline

@@ -274,12 +274,12 @@ class MetricWriter:
     for name, value in values.items():
       self._tb.add_scalar(name, value, step)
 
-  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+  def write_images(self, step: int, images: Mapping[str, Any], png: bool = True) -> None:
     """Writes each entry as one image: an (H, W, C) image as it is, an (N, H, W, C) batch
     tiled into one grid (see `image_grid`).
 
-    File: images/<name>_<step:08d>.png, a "/" in the name becoming "_".
-    TensorBoard: the same image under the tag <name>.
+    File (unless png=False, for an image the caller has saved already): images/<name>_<step:08d>.png,
+    a "/" in the name becoming "_". TensorBoard: the same image under the tag <name>.
     """
     self._check_open()
     step = int(step)
@@ -289,10 +289,11 @@ class MetricWriter:
     if self.just_logging:
       return
     image_dir = self.logdir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
     for name, batch in batches.items():
       grid = image_grid(batch)
-      (image_dir / f"{name.replace('/', '_')}_{step:08d}.png").write_bytes(_png_bytes(grid))
+      if png:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        (image_dir / f"{name.replace('/', '_')}_{step:08d}.png").write_bytes(_png_bytes(grid))
       self._tb.add_image(name, grid, step, dataformats="HWC")
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:

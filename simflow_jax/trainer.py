@@ -28,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 from absl import logging
 from etils import epath
 
@@ -44,7 +45,8 @@ def _grid_labels(config) -> np.ndarray:
 
 
 def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
-  """Samples one row per class with the EMA generator and writes a PNG; returns its path."""
+  """Samples one row per class with the EMA generator and writes one PNG grid (also shown in
+  TensorBoard); returns its path."""
   labels = _grid_labels(config)
   images = sample_fn(params, jnp.asarray(labels), jax.random.key(config.seed + 1))
   images = np.asarray(jax.device_get(images))
@@ -52,7 +54,9 @@ def write_sample_grid(sample_fn, config, params, step, workdir, writer) -> str:
   if jax.process_index() == 0:
     files.write_atomic(path, lambda tmp: figures.save_image_grid(images, tmp,
                                                                 nrow=config.train.grid_per_class))
-    writer.write_images(step, {"samples": ((images + 1) / 2).clip(0, 1)})
+    with epath.Path(path).open("rb") as f:  # the same grid, rows = classes, in TensorBoard
+      grid = np.asarray(Image.open(f).convert("L" if images.shape[-1] == 1 else "RGB"))
+    writer.write_images(step, {"samples": grid.reshape(*grid.shape[:2], -1)}, png=False)
   return str(path)
 
 
@@ -157,8 +161,7 @@ def train(config, workdir: str) -> dict:
           ckpt.wait()
           raise NonFiniteLossError(
               f"Non-finite loss ({last['loss']}) in steps {done - n_acc + 1}..{done}. Training stopped; "
-              f"the last good checkpoint (step {ckpt.latest_step()}) in {workdir} is kept. Lower the "
-              "learning rates or check the data.")
+              f"{_kept(ckpt, workdir, t.ckpt_every)} Lower the learning rates or check the data.")
         now = time.time()
         rate = (done - step_log) / max(now - t_log, 1e-9)
         last["steps_per_sec"] = rate
@@ -208,10 +211,19 @@ def _stop(stop, ckpt, done, state, data_iter, metrics, workdir, writer):
                     f"{ckpt.directory}; rerun the same command to resume.", stop.signum)
 
 
+def _kept(ckpt, workdir, first_save: int) -> str:
+  """What a stopped run leaves to resume from, in words."""
+  saved = ckpt.latest_step()
+  if saved is None:
+    return (f"No checkpoint was saved yet (the first comes at step {first_save}): nothing to "
+            "resume from.")
+  return f"The last good checkpoint (step {saved}) in {workdir} is kept."
+
+
 def _save_checked(ckpt, step, state, data_iter, metrics, workdir, force=False):
   """Saves only a finite state (one host sync per checkpoint)."""
   if metrics is not None and not np.isfinite(float(metrics["loss"])):
     ckpt.wait()
-    raise NonFiniteLossError(f"Non-finite loss at step {step}; not saving it. The last good "
-                             f"checkpoint (step {ckpt.latest_step()}) in {workdir} is kept.")
+    raise NonFiniteLossError(f"Non-finite loss at step {step}; not saving it. "
+                             f"{_kept(ckpt, workdir, step)}")
   ckpt.save(step, state, data_iter, force=force)

@@ -3,8 +3,8 @@ speed (the tests compile far more than they run, and compiling dominates their t
 
   --xla_backend_optimization_level=0   LLVM without optimisation: compiles about twice as fast;
                                        the tiny programs run a little slower, which costs nothing.
-  --xla_cpu_use_fusion_emitters=false  XLA:CPU's older loop emitters: with the above, compiles about
-                                       1.5x faster again (a whole test file: 86 -> 54 s); at the
+  --xla_cpu_use_fusion_emitters=false  XLA:CPU's older loop emitters: with the above, compiles
+                                       faster again; at the
                                        default optimisation level they compile slower, so only tests
                                        set it. Dropped where this jaxlib does not know the flag (XLA
                                        aborts on unknown flags), checked once in a subprocess.

@@ -18,8 +18,7 @@ from simflow_jax.models import layers
 T, D, NCLS = 8, 4, 3
 
 # The flow's entry points, jitted (the flow module and the method are static): one compile
-# per call instead of dispatching the flow op by op, which compiles every primitive on its
-# own and used to be most of these tests' time.
+# per call instead of dispatching the flow op by op, which compiles every primitive on its own.
 forward = jax.jit(F.forward, static_argnums=0)
 block_logdets = jax.jit(F.block_logdets, static_argnums=0)
 inverse = jax.jit(I.inverse, static_argnums=(0, 4, 5),

@@ -53,7 +53,7 @@ def test_committed_notebook_has_no_outputs():
                      "committing (Jupyter: Edit > Clear Outputs of All Cells, then save)")
 
 
-@pytest.mark.slow  # a Jupyter kernel that imports jax and trains: ~2 minutes on 2 cores
+@pytest.mark.slow  # a Jupyter kernel that imports jax and trains the demo briefly
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   jupyter_dir = tmp_path / "jupyter"
   _install_kernelspec(jupyter_dir)
