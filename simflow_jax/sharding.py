@@ -181,3 +181,41 @@ def map_batches(fn: Callable, x, mesh, batch_size: int) -> np.ndarray:
     part = x[start:start + batch_size]
     out.append(fetch(fn(shard_host_array(mesh, pad_batch(part, batch_size))))[:part.shape[0]])
   return np.concatenate(out)
+
+
+def on_mesh(tree, mesh):
+  """Arrays already placed on `mesh` (e.g. parameters restored by the mesh rules) are kept as
+  they are; anything else (numpy, single-device arrays) is replicated over the mesh."""
+  def one(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(one, tree)
+
+
+def local_data_mesh() -> jax.sharding.Mesh:
+  """This process's devices as a ('data', 'fsdp') mesh of shape (n, 1): for per-host work that
+  is split over the local devices and needs no other process (e.g. feature networks fed the
+  same full host arrays on every process)."""
+  devices = jax.local_devices()
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((len(devices), 1), BATCH_AXES, axis_types=auto, devices=devices)
+
+
+def map_fixed_batches(fn: Callable, x, mesh, batch_size: int):
+  """fn (jitted, per-example, batch-parallel; any pytree out) over x (N, ...) in batches of
+  exactly batch_size rows (a multiple of the mesh size): the last, shorter batch is padded
+  with zero rows, which are dropped from the outputs, so one compilation serves every batch.
+  The batches are split over the mesh's devices; outputs come back as numpy (N, ...)."""
+  x = np.asarray(x)
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's {mesh.size} devices.")
+  parts = []
+  for start in range(0, x.shape[0], batch_size):
+    part = x[start:start + batch_size]
+    out = fn(shard_host_array(mesh, pad_batch(part, batch_size)))
+    local = all(a.is_fully_addressable for a in jax.tree.leaves(out))
+    out = jax.tree.map(np.asarray, out) if local else fetch(out)
+    parts.append(jax.tree.map(lambda a, n=part.shape[0]: a[:n], out))
+  return jax.tree.map(lambda *a: np.concatenate(a), *parts)

@@ -150,7 +150,7 @@ def test_inception_metrics_match_known_answers(trained, tmp_path, monkeypatch):
     calls.append(out)
     return out
 
-  monkeypatch.setattr(evaluators, "make_evaluator", lambda config, workdir: evaluators.InceptionEvaluator(
+  monkeypatch.setattr(evaluators, "make_evaluator", lambda config, workdir, mesh=None: evaluators.InceptionEvaluator(
       config, feature_fn=lambda x: features(x / 127.5 - 1.0)))
   config = tiny.get_config()
   real16 = next(pipeline.make_eval_loader(config.data, "validation", 16, num_examples=16))["image"]

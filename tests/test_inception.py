@@ -160,3 +160,25 @@ def test_port_matches_torch_fidelity_with_random_weights(tmp_path):
     assert got[key].shape == expected[key].shape, key
     np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-3, err_msg=key)
   assert not np.allclose(got["logits"], got["logits_unbiased"], atol=1e-2)
+
+
+@pytest.mark.slow
+def test_features_run_data_parallel_padded_and_compile_once():
+  """evaluators.inception_feature_fn on the 8 devices, batches of 8: 10 and then 3 images
+  (neither a multiple of the batch) give the features of an unpadded single-device forward,
+  and the jitted forward compiles once for all the batches."""
+  from simflow_jax.evals import evaluators  # noqa: PLC0415
+  model = inception.InceptionV3()
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3)).astype(np.float32)
+  feature_fn = evaluators.inception_feature_fn(params, batch_size=8)
+  got = feature_fn(images)
+  got_small = feature_fn(images[:3])
+  assert feature_fn.jitted._cache_size() == 1  # the last, shorter batches did not recompile
+  one_device = jax.jit(lambda p, x: model.apply({"params": p}, x))(
+      jax.device_put(params, jax.devices()[0]), jax.device_put(images, jax.devices()[0]))
+  for key in inception.FEATURE_KEYS:
+    want = np.asarray(one_device[key])
+    assert got[key].shape == (10,) + want.shape[1:] and np.abs(want).max() > 0, key
+    np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=key)
+    np.testing.assert_array_equal(got_small[key], got[key][:3])

@@ -100,6 +100,63 @@ def test_shards_are_the_library_sampler(first):
     assert np.mean(got == ref) > 0.99
 
 
+def test_sampling_restores_the_generator_alone_sharded_by_the_mesh_rules(first, trained, tmp_path,
+                                                                         monkeypatch):
+  """mesh.fsdp=8 on the 8 devices: the command restores the EMA generator alone (no optimiser
+  moments, no raw copy, no discriminator; never load_params' whole state), the sampler gets it
+  split over 'fsdp' by the mesh rules, and the samples are those of the fsdp=1 export."""
+  _, _, images, labels = first
+  config = make_config()
+  config.mesh.fsdp, config.mesh.fsdp_min_size = 8, 256  # the tiny model's larger kernels split
+  monkeypatch.setattr(checkpoint, "load_params", lambda *a, **k: pytest.fail("whole state read"))
+  restore_targets, sampler_params = [], []
+  real_restore = checkpoint.ocp.CheckpointManager.restore
+
+  def spy_restore(self, step, args=None):
+    restore_targets.append(args)
+    return real_restore(self, step, args=args)
+
+  real_sampler = export._make_sharded_sampler
+
+  def spy_sampler(*a, **k):
+    fn = real_sampler(*a, **k)
+
+    def wrapped(params, labels, rng):
+      sampler_params.append(params)
+      return fn(params, labels, rng)
+    return wrapped
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", spy_restore)
+  monkeypatch.setattr(export, "_make_sharded_sampler", spy_sampler)
+  result = export.run(config, copy_run(trained, tmp_path))
+
+  state_reads = [a["state"] for a in restore_targets if a is not None and "state" in a]
+  assert len(state_reads) == 1  # one partial restore of the state item ...
+  assert set(state_reads[0].item) == {"ema"}  # ... of the EMA alone
+  assert set(state_reads[0].item["ema"]) == {"vae", "flow"}
+  params = sampler_params[0]
+  assert all(p is params for p in sampler_params)  # restored once
+  models = build.build_models(config)
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  expected = export.sharding.tree_shardings(
+      jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0)), mesh, config.mesh,
+      prefix=".ema")
+  split = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    want = expected[path[0].key]
+    for p in path[1:]:
+      want = want[p.key]
+    assert leaf.sharding == want, jax.tree_util.keystr(path)
+    if "fsdp" in tuple(want.spec):
+      split += 1
+      assert leaf.addressable_shards[0].data.size == leaf.size // 8
+  assert split > 0 and dict(mesh.shape) == {"data": 1, "fsdp": 8}
+  images2, labels2 = load_npz(result["npz_path"])
+  assert np.array_equal(labels2, labels)
+  assert np.abs(images2.astype(int) - images.astype(int)).max() <= 1  # float rounding at .5
+  assert np.mean(images2 == images) > 0.99
+
+
 def test_resume_is_bit_exact(first):
   workdir, _, images, labels = first
   npz_dir = os.path.join(workdir, "samples", "npz")

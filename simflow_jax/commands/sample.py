@@ -13,7 +13,13 @@ From the latest checkpoint in WORKDIR (EMA parameters unless sample.use_ema=Fals
 Sample j has class j % data.num_classes; shard i uses noise fold_in(key(seed), i), so an
 interrupted export resumes bit-identically (existing shards are kept when settings.json
 matches; other settings are a clear error). Each sampling step is one global batch split
-over all devices (sharding.py); images are gathered to every process and process 0 writes.
+over all devices of every host (sharding.py), with the generator's parameters restored alone
+(EMA or raw, never the optimiser state) straight into the shardings of the config's mesh rules
+(checkpoint.restore_generator_params; split over mesh.fsdp as trained); images are gathered to
+every process and process 0 writes.
+
+SIGINT / SIGTERM (signals.py) stop the export after the shard in hand: the shards written are
+kept and a rerun of the same command resumes (exit 130 / 143).
 """
 import copy
 import functools
@@ -31,7 +37,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from configs import base
-from simflow_jax import checkpoint, files, sample, sharding
+from simflow_jax import checkpoint, files, progress, sample, sharding, signals
 from simflow_jax.evals import figures
 from simflow_jax.models import build
 
@@ -152,16 +158,17 @@ def _pending_shards(npz_dir: epath.Path, settings: dict, num_shards: int) -> lis
   return [i for i in range(num_shards) if not done[i]]
 
 
-def _make_sharded_sampler(models, sample_cfg, mesh, batch_size: int):
+def _make_sharded_sampler(models, sample_cfg, mesh, batch_size: int, param_shardings):
   """fn(params, labels (n <= batch_size,) numpy int, rng) -> images (batch_size, H, W, C) in
   [-1, 1], a global array split over the mesh's batch axes, returned before it is computed.
-  sample_images jitted once for the padded batch (class 0 fills it) with parameters
-  replicated and labels, noise and images split over all devices (batch_size must be
-  divisible by the device count)."""
+  sample_images jitted once for the padded batch (class 0 fills it) with the parameters in
+  `param_shardings` (the mesh rules': XLA gathers fsdp-split leaves where they are used) and
+  labels, noise and images split over all devices (batch_size must be divisible by the
+  device count)."""
   sample_cfg = copy.deepcopy(sample_cfg)
   batch, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   jitted = jax.jit(functools.partial(sample.sample_images, models, sample_cfg=sample_cfg),
-                   in_shardings=(repl, batch, repl), out_shardings=batch)
+                   in_shardings=(param_shardings, batch, repl), out_shardings=batch)
 
   def fn(params, labels, rng):
     padded = sharding.pad_batch(np.asarray(labels, np.int32), batch_size)  # (batch_size,)
@@ -183,14 +190,20 @@ def run(config, workdir: str) -> dict:
   """`main.py --mode=sample` (module docstring). The grid uses noise fold_in(key(seed + 1), j)
   for its j-th batch. Returns {'grid_path', 'npz_path' (None without an export),
   'num_samples', 'images_per_sec' (of the shards sampled by this call; None if none was),
-  'checkpoint_step', 'shards_sampled', 'shards_resumed'}."""
+  'checkpoint_step', 'shards_sampled', 'shards_resumed'}. A signal stops it between shards
+  (errors.Interrupted, after the shards written are kept)."""
   build.validate_config(config)  # the argument checks come before the checkpoint is read
+  with signals.StopOnSignal("shard", "keep the shards written") as stop:
+    return _run(config, workdir, stop)
+
+
+def _run(config, workdir: str, stop: signals.StopOnSignal) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   _check_run_config(config, mesh.size)
   s = config.sample
   models = build.build_models(config)
-  params = checkpoint.load_params(workdir, config)  # sample.use_ema decides which
-  params = jax.device_put({"vae": params["vae"], "flow": params["flow"]}, sharding.replicated(mesh))
+  params = checkpoint.restore_generator_params(workdir, config, mesh, use_ema=bool(s.use_ema))
+  params = {"vae": params["vae"], "flow": params["flow"]}  # sharded by the mesh rules
   step = checkpoint.latest_step(workdir, config)
   out_dir = epath.Path(workdir) / "samples"
   npz_dir = out_dir / "npz"
@@ -199,7 +212,7 @@ def run(config, workdir: str) -> dict:
   num_shards = -(-n // batch)
   # Settings of earlier shards are checked before any sampling.
   pending = _pending_shards(npz_dir, _export_settings(config, step, (h, h, 3)), num_shards) if n else []
-  fn = _make_sharded_sampler(models, s, mesh, batch)
+  fn = _make_sharded_sampler(models, s, mesh, batch, jax.tree.map(lambda a: a.sharding, params))
 
   # The grid (its first batch also compiles the sampler).
   t0 = time.time()
@@ -234,19 +247,26 @@ def run(config, workdir: str) -> dict:
 
   to_do = sum(min(batch, n - i * batch) for i in pending)
   t0, done_images = time.time(), 0
-  in_flight = dispatch(pending[0]) if pending else None
-  for k, i in enumerate(pending):
-    labels = _shard_labels(i, batch, n, models.num_classes)
-    images = figures.to_uint8(sharding.fetch(in_flight)[:labels.shape[0]])
-    if k + 1 < len(pending):
-      in_flight = dispatch(pending[k + 1])
-    if writer:
-      files.write_atomic(npz_dir / SHARD_NAME.format(i),
-                    lambda tmp, im=images, lab=labels: write_npz_shard(tmp, im, lab))
-    done_images += labels.shape[0]
-    rate = done_images / max(time.time() - t0, 1e-9)
-    logging.info("Shard %d/%d written (%d/%d samples this run, %.1f images/s, ETA %.0fs)", i + 1, num_shards,
-                 done_images, to_do, rate, (to_do - done_images) / max(rate, 1e-9))
+  bar = progress.Progress("Export", len(pending), "shards", stop=stop)
+  try:
+    if pending and signals.stop_agreed(stop):
+      raise progress.Stopped("before the first shard")
+    in_flight = dispatch(pending[0]) if pending else None
+    for k, i in enumerate(pending):
+      labels = _shard_labels(i, batch, n, models.num_classes)
+      images = figures.to_uint8(sharding.fetch(in_flight)[:labels.shape[0]])
+      if k + 1 < len(pending):
+        in_flight = dispatch(pending[k + 1])
+      if writer:
+        files.write_atomic(npz_dir / SHARD_NAME.format(i),
+                           lambda tmp, im=images, lab=labels: write_npz_shard(tmp, im, lab))
+      done_images += labels.shape[0]
+      bar.update()  # logs done/total shards, the rate and the ETA; raises Stopped when asked
+  except progress.Stopped:
+    multihost_utils.sync_global_devices("simflow_sample_export_stopped")  # process 0 wrote
+    kept = result["shards_resumed"] + bar.done
+    raise stop.interrupted(f"kept {kept} of {num_shards} export shards in {npz_dir} and the "
+                           "grid; rerun the same command to resume the export.") from None
   if pending:
     result["images_per_sec"] = done_images / max(time.time() - t0, 1e-9)
 

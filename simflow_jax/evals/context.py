@@ -1,18 +1,21 @@
 """What the evaluators share: the run's models and mesh, eval-split passes, jitted VAE passes.
 
 An evaluator (evals/declared.py) is built once from the config with a `Context`; its device
-work runs data-parallel on the mesh (sharding.py pads, shards and gathers), and the batches it
-gathers to the host feed the numpy metrics on every host.
+work runs data-parallel on the mesh (sharding.py pads, shards and gathers), with the
+parameters as they were restored (split over mesh.fsdp by the mesh rules: jit follows the
+committed arrays), and the batches it gathers to the host feed the numpy metrics on every host.
+Its passes log progress (progress.py) and, with `stop` (a signals.StopOnSignal: evaluate and
+likelihood), end between two batches with progress.Stopped once a stop is agreed.
 """
 import dataclasses
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simflow_jax import sharding
+from simflow_jax import progress, sharding
 from simflow_jax.data import pipeline, sources
 from simflow_jax.models import build
 from simflow_jax.models import vae as vae_lib
@@ -24,15 +27,19 @@ class Context:
   models: build.Models
   mesh: jax.sharding.Mesh
   workdir: str
+  stop: Optional[object] = None  # a signals.StopOnSignal checked between batches, or None
 
-  def eval_batches(self, num_examples: int) -> Iterator[dict]:
+  def eval_batches(self, num_examples: int, what: str = "eval split") -> Iterator[dict]:
     """Global batches {'image', 'label', 'mask'} of the eval split's first num_examples
     examples (0 = all), data.batch_size each (padding masked out), on the mesh."""
     d = self.config.data
     loader = pipeline.make_eval_loader(d, d.eval_split, d.batch_size, jax.process_index(),
                                        jax.process_count(), num_examples or None)
+    bar = progress.Progress(what, eval_batch_count(d, self.split_size(num_examples)),
+                            stop=self.stop)
     for batch in loader:
       yield sharding.global_batch(batch, self.mesh)
+      bar.update()
 
   def split_size(self, num_examples: int) -> int:
     d = self.config.data
@@ -56,6 +63,13 @@ class Context:
     """fn over a host array in device-multiple batches of data.batch_size (numpy out)."""
     chunk = sharding.device_multiple(self.config.data.batch_size)
     return lambda x: sharding.map_batches(fn, x, self.mesh, chunk)
+
+
+def eval_batch_count(data_cfg, num_examples: int) -> int:
+  """The number of global batches of pipeline.make_eval_loader over num_examples examples."""
+  count = jax.process_count()
+  per_host = math.ceil(num_examples / count)
+  return math.ceil(per_host / pipeline.per_host_batch_size(data_cfg.batch_size, count))
 
 
 def spread_indices(total: int, count: int) -> np.ndarray:
@@ -88,7 +102,8 @@ def reconstructions(ctx: Context, reconstruct: Callable, vae, num_examples: int)
   """Host batches {image, label, mu, x, recon, recon_mu} (padding dropped) of the eval split;
   batch i's posterior noise is fold_in(key(seed + 1), i): reruns agree."""
   key = jax.random.key(ctx.config.seed + 1)
-  for i, gb in enumerate(ctx.eval_batches(num_examples)):
+  vae = sharding.on_mesh(vae, ctx.mesh)
+  for i, gb in enumerate(ctx.eval_batches(num_examples, "reconstructions")):
     out = reconstruct(vae, gb["image"], jax.random.fold_in(key, i))
     host = sharding.fetch({**out, "image": gb["image"], "label": gb["label"], "mask": gb["mask"]})
     m = host.pop("mask")
@@ -104,15 +119,20 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def sample_batches(sample_fn: Callable, params, labels: np.ndarray, mesh, batch_size: int,
-                   rng: jax.Array) -> Iterator[np.ndarray]:
+                   rng: jax.Array, what: str = "samples", stop=None) -> Iterator[np.ndarray]:
   """Yields the samples of labels (N,) as numpy images (b, H, W, C) in [-1, 1], in batches of
-  batch_size rounded up to the device count (the last one trimmed). sample_fn is
-  sample.make_sample_fn's; params must be on the mesh. Batch j uses fold_in(rng, j)."""
+  batch_size rounded up to the device count (the last one padded, then trimmed). sample_fn is
+  sample.make_sample_fn's; params are used where they are on the mesh (e.g. split over fsdp),
+  replicated on it otherwise. Batch j uses fold_in(rng, j). Progress is logged as `what`;
+  `stop`: progress.Stopped between batches once a stop is agreed."""
   chunk = sharding.device_multiple(batch_size)
+  params = sharding.on_mesh(params, mesh)
+  bar = progress.Progress(what, -(-labels.shape[0] // chunk), stop=stop)
   for j, start in enumerate(range(0, labels.shape[0], chunk)):
     part = labels[start:start + chunk]
     padded = sharding.shard_host_array(mesh, sharding.pad_batch(part, chunk))
     yield sharding.fetch(sample_fn(params, padded, jax.random.fold_in(rng, j)))[:part.shape[0]]
+    bar.update()
 
 
 def finite_or_none(tree):

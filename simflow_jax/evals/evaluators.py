@@ -23,10 +23,11 @@ import os
 import tempfile
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simflow_jax import files
+from simflow_jax import files, sharding
 from simflow_jax.evals import digits, metrics
 from simflow_jax.pretrained import inception
 
@@ -55,22 +56,51 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   return metrics.fid_from_stats(*metrics.stats(a), *metrics.stats(b))
 
 
+INCEPTION_BATCH = 200            # images per Inception forward (rounded up to the device count)
+
+
+def inception_feature_fn(params: dict, mesh=None, batch_size: int = INCEPTION_BATCH,
+                         precision=jax.lax.Precision.HIGHEST) -> Callable[[np.ndarray], dict]:
+  """fn(images (N, H, W, 3) in [0, 255], any N) -> {inception.FEATURE_KEYS: numpy (N, ...)}:
+  the FID Inception data-parallel over `mesh` (None: this process's devices), parameters
+  replicated on it, in batches of exactly batch_size rounded up to the device count: the
+  last, shorter batch is zero-padded (its padding rows dropped), so one compilation serves
+  every batch. Every process must call it with the same images when the mesh spans several."""
+  mesh = sharding.local_data_mesh() if mesh is None else mesh
+  chunk = -(-max(1, batch_size) // mesh.size) * mesh.size
+  model = inception.InceptionV3(precision=precision)
+  params = sharding.on_mesh(params, mesh)
+  apply = jax.jit(lambda p, x: {k: v for k, v in model.apply({"params": p}, x).items()
+                                if k in inception.FEATURE_KEYS})
+
+  def feature_fn(images) -> dict:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+      raise ValueError(f"expected a non-empty (N, H, W, C) image array, got {images.shape}")
+    return sharding.map_fixed_batches(lambda x: apply(params, x), images, mesh, chunk)
+
+  feature_fn.jitted = apply  # for compile counts
+  return feature_fn
+
+
 class InceptionEvaluator:
   """FID / sFID / IS / precision / recall of samples and rFID of reconstructions."""
   name = "inception"
 
-  def __init__(self, config, feature_fn: Optional[Callable] = None):
+  def __init__(self, config, feature_fn: Optional[Callable] = None, mesh=None):
     """feature_fn: features of images in [0, 255] (N, H, W, 3); default the FID Inception
-    loaded from config.eval.inception_weights at the first call."""
+    loaded from config.eval.inception_weights at the first call, data-parallel over `mesh`
+    (None: this process's devices)."""
     self.weights = config.eval.inception_weights
     self.ref_stats = config.eval.ref_stats
     self.eval_split = config.data.eval_split
     self.note = f"Inception weights {self.weights}"
+    self.mesh = mesh
     self._raw = feature_fn
 
   def raw_features(self, images_0_255) -> dict:
     if self._raw is None:
-      self._raw = inception.make_feature_fn(inception.load_inception_params(self.weights))
+      self._raw = inception_feature_fn(inception.load_inception_params(self.weights), self.mesh)
     return self._raw(images_0_255)
 
   def features(self, images) -> dict:
@@ -102,15 +132,17 @@ class DigitEvaluator:
   name = "digits"
   note = "no config.eval.inception_weights; embedded digits: digit classifier"
 
-  def __init__(self, cache_dir: str, steps: int, seed: int):
-    self.cache_dir, self.steps, self.seed = cache_dir, steps, seed
+  def __init__(self, cache_dir: str, steps: int, seed: int, mesh=None):
+    self.cache_dir, self.steps, self.seed, self.mesh = cache_dir, steps, seed, mesh
     self._clf = None
 
   @property
   def classifier(self) -> digits.DigitClassifier:
-    """Trained once (config.eval.classifier_steps), then read from cache_dir."""
+    """Trained once (config.eval.classifier_steps), then read from cache_dir; its forward
+    runs data-parallel over the mesh (None: this process's devices)."""
     if self._clf is None:
       self._clf = digits.get_digit_classifier(self.cache_dir, steps=self.steps, seed=self.seed)
+      self._clf.mesh = self.mesh
     return self._clf
 
   def features(self, images) -> dict:
@@ -163,14 +195,16 @@ def classifier_dir(config, workdir: str) -> str:
   return os.path.join(tempfile.gettempdir(), "simflow_eval", CLASSIFIER_SUBDIR)
 
 
-def make_evaluator(config, workdir: str):
-  """The generation evaluator for this config (module docstring): the one place it is chosen."""
+def make_evaluator(config, workdir: str, mesh=None):
+  """The generation evaluator for this config (module docstring): the one place it is chosen.
+  Its feature network runs data-parallel over `mesh` (None: this process's devices)."""
   if config.eval.inception_weights:
-    return InceptionEvaluator(config)
+    return InceptionEvaluator(config, mesh=mesh)
   if config.data.source == "mnist5k":
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     if shape == digits.IMAGE_SHAPE:
-      return DigitEvaluator(classifier_dir(config, workdir), config.eval.classifier_steps, config.seed)
+      return DigitEvaluator(classifier_dir(config, workdir), config.eval.classifier_steps,
+                            config.seed, mesh=mesh)
     why = f"digit classifier needs {digits.IMAGE_SHAPE} images, the config makes {shape}"
   else:
     why = f"data.source={config.data.source!r} is not the embedded digits"

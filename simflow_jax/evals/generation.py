@@ -26,11 +26,11 @@ def feature_evaluator(entry, ctx: context.Context):
     if not config.eval.inception_weights:
       raise ValueError(f"an evaluator with metrics='inception' needs "
                        f"--config.eval.inception_weights=/path/to/inception_fid.msgpack.")
-    return evaluators.InceptionEvaluator(config)
+    return evaluators.InceptionEvaluator(config, mesh=ctx.mesh)
   if entry.metrics == "digits":
     return evaluators.DigitEvaluator(evaluators.classifier_dir(config, ctx.workdir),
-                                     config.eval.classifier_steps, config.seed)
-  return evaluators.make_evaluator(config, ctx.workdir)
+                                     config.eval.classifier_steps, config.seed, mesh=ctx.mesh)
+  return evaluators.make_evaluator(config, ctx.workdir, mesh=ctx.mesh)
 
 
 class GenerationEvaluator:
@@ -56,7 +56,8 @@ class GenerationEvaluator:
     feats, grid = evaluators.Features(), []
     rng = jax.random.fold_in(jax.random.key(c.config.seed), 1)
     for images in context.sample_batches(self.sample_fn, params, self.labels, c.mesh,
-                                         self.sample_cfg.batch_size, rng):
+                                         self.sample_cfg.batch_size, rng, what=f"{self.name} samples",
+                                         stop=c.stop):
       if sum(len(g) for g in grid) < MAX_GRID_SAMPLES:
         grid.append(images)
       feats.add(self.features.features(images))

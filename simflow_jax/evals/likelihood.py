@@ -24,8 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from simflow_jax import losses, sharding, train_step
-from simflow_jax.data import pipeline
+from simflow_jax import losses, progress, sharding, train_step
+from simflow_jax.data import pipeline, sources
+from simflow_jax.evals import context
 from simflow_jax.models import flow as flow_lib
 
 
@@ -66,11 +67,15 @@ def _masked_sums(models, params, batch, rng, noise_std: float):
           "entropy": jnp.sum(ent * mask), "count": jnp.sum(mask)}
 
 
-def split_bits_per_dim(config, models, params, mesh=None, split=None, num_examples=None) -> dict:
+def split_bits_per_dim(config, models, params, mesh=None, split=None, num_examples=None,
+                       stop=None) -> dict:
   """Mean bits/dim over one masked pass of a split (every example once, any host count).
 
-  Batches of config.data.batch_size (global; padding examples are masked out). The
-  posterior noise of batch i comes from fold_in(key(config.seed), i): reruns agree.
+  Batches of config.data.batch_size (global; padding examples are masked out), split over
+  every device; params are used as placed when on the mesh (e.g. split over fsdp by the mesh
+  rules), else replicated. The posterior noise of batch i comes from
+  fold_in(key(config.seed), i): reruns agree. Logs progress; with `stop` (a
+  signals.StopOnSignal) it ends between batches with progress.Stopped once a stop is agreed.
   """
   split = config.data.eval_split if split is None else split
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
@@ -79,12 +84,16 @@ def split_bits_per_dim(config, models, params, mesh=None, split=None, num_exampl
                                      jax.process_index(), jax.process_count(), num_examples)
   totals = {"mu": 0.0, "sampled": 0.0, "entropy": 0.0, "count": 0.0}
   key = jax.random.key(config.seed)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  params = sharding.on_mesh(params, mesh)
+  total = num_examples or len(sources.make_source(config.data, split))
+  bar = progress.Progress(f"likelihood {split}", context.eval_batch_count(config.data, total),
+                          stop=stop)
   for i, batch in enumerate(loader):  # inputs carry their shardings: jit follows them
     sums = _masked_sums(models, params, sharding.global_batch(batch, mesh),
                         jax.random.fold_in(key, i), noise_std)
     for k, v in jax.device_get(sums).items():
       totals[k] += float(v)
+    bar.update()
   n = int(round(totals["count"]))
   if n == 0:
     raise ValueError(f"split {split!r} of data.source={config.data.source!r} gave no examples.")
@@ -125,7 +134,7 @@ class LikelihoodEvaluator:
   def run(self, params) -> dict:
     c = self.ctx
     return split_bits_per_dim(c.config, c.models, params, mesh=c.mesh,
-                              num_examples=self.entry.num_examples or None)
+                              num_examples=self.entry.num_examples or None, stop=c.stop)
 
   def figures(self) -> dict:
     return {}
