@@ -190,7 +190,8 @@ def run(config, workdir: str) -> dict:
   s = config.sample
   models = build.build_models(config)
   params = checkpoint.load_params(workdir, config)  # sample.use_ema decides which
-  params = jax.device_put({"vae": params["vae"], "flow": params["flow"]}, sharding.replicated(mesh))
+  params = jax.device_put(jax.tree.map(np.asarray, {"vae": params["vae"], "flow": params["flow"]}),
+                          sharding.replicated(mesh))  # host arrays: they replicate across processes
   step = checkpoint.latest_step(workdir, config)
   out_dir = epath.Path(workdir) / "samples"
   npz_dir = out_dir / "npz"

@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -87,7 +88,7 @@ def evaluate_checkpoint(config, workdir: str, types: Optional[tuple] = None,
   params = checkpoint.load_params(workdir, config)
   step = checkpoint.latest_step(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  params = jax.device_put(jax.tree.map(np.asarray, params), sharding.replicated(mesh))  # across processes
   evaluators = build_evaluators(config, models, mesh, workdir, types)
   if not evaluators:
     raise ValueError(f"config.evals declares no evaluator{' of type ' + '/'.join(types) if types else ''}: "
