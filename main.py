@@ -17,7 +17,10 @@ A file-system error (a workdir that is a file or cannot be written, a read-only 
 a user error: one line naming the path and what to do, exit 2; the workdir is probed before any
 mode starts. Multi-process runs (--num_processes, --process_id, --coordinator_address or
 JAX_COORDINATOR_ADDRESS) have their flags checked before JAX starts, and give up with one line
-after --distributed_timeout seconds when not every process joins.
+after --distributed_timeout seconds when not every process joins. When a process of a running
+multi-process job dies, JAX's coordination service ends the others after --heartbeat_timeout
+seconds: they abort (a non-zero exit) with an error that names the missing task above a C++ stack
+trace, which Python cannot replace (launch/README.md, "Preemption and multi-host stops").
 """
 import importlib
 import os
@@ -46,6 +49,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-node: HOS
                                    "0's coordinator (default: $JAX_COORDINATOR_ADDRESS).")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-node: seconds to wait "
                                             "for every process to join before giving up.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", None, "Multi-node: seconds without a sign of life after which a process "
+    "is declared dead and every other process ends with an error (default: "
+    "$SIMFLOW_HEARTBEAT_TIMEOUT, else simflow_jax/sharding.py HEARTBEAT_TIMEOUT_S).")
 
 # mode -> (module, function(config, workdir))
 MODES = {
@@ -258,6 +265,11 @@ def main(argv):
     check_distributed_flags(_NUM_PROCESSES.value, _PROCESS_ID.value,
                             _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
                             _DISTRIBUTED_TIMEOUT.value)
+    if _HEARTBEAT_TIMEOUT.value is not None:
+      if _HEARTBEAT_TIMEOUT.value < 1:
+        raise ValueError(f"--heartbeat_timeout={_HEARTBEAT_TIMEOUT.value}: give the seconds after "
+                         "which a silent process is declared dead, >= 1.")
+      os.environ["SIMFLOW_HEARTBEAT_TIMEOUT"] = str(_HEARTBEAT_TIMEOUT.value)  # read by sharding.py
   except ValueError as e:
     _fail(e)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))

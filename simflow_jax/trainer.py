@@ -112,8 +112,8 @@ def train(config, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   frozen = steps.load_frozen_networks(config, mesh)
 
-  data_iter = pipeline.make_train_loader(config.data, config.seed, jax.process_index(),
-                                         jax.process_count())
+  slot, count = sharding.process_batch_slot(mesh, config.data.batch_size)  # rows this host's devices hold
+  data_iter = pipeline.make_train_loader(config.data, config.seed, slot, count)
   ckpt = checkpoint.Checkpointer(workdir, config)
   start = ckpt.latest_step()
   with jax.set_mesh(mesh), signals.StopOnSignal("step", "save a checkpoint") as stop:

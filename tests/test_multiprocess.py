@@ -1,15 +1,25 @@
 """Multi-process runs with real processes: 2 local processes x 4 CPU devices as one JAX system
-(tests/multiprocess.py) against 1 process x 8 devices, with configs/tiny.py.
+(tests/multiprocess.py) against 1 process x 8 devices, with configs/tiny.py at its smallest.
 
-Tolerance: the two runs see the same global batches in the same order and the same initial
-state, so they compute the same sums; only the order of the cross-device reductions differs
-(gloo between processes vs. one process's all-reduce), so the losses agree to float32
-round-off (rtol 1e-5 after 4 steps), not bit for bit. A checkpoint resumed with the SAME
-process count repeats the same programs on the same data: bit-exact.
+The default run starts one pair of runs (module fixture `runs`): 2 x 4 trains 4 steps with
+checkpoints, then samples, measures the likelihood and evaluates in the same workdir; 1 x 8
+trains its own run, and runs the same three commands on a copy of the 2-process checkpoint.
+Resuming, SIGTERM and a killed process are marked slow.
 
-Stopping: the stop flag is agreed through a collective at every logging step
-(train._stop_requested), so SIGTERM to every process, or to only one of them, stops all of
-them at the same step with one checkpoint, and each exits 143.
+Tolerances. Training: the two runs see the same global batches in the same order and the same
+initial state, so they compute the same sums; only the order of the cross-device reductions
+differs (gloo between processes vs. one process's all-reduce), so the losses agree to float32
+round-off (rtol 1e-5 after 4 steps), not bit for bit. Sampling is per example (no reduction
+crosses devices) from the same checkpoint: the grid and the .npz are bit-identical. The
+likelihood and evaluate reports average over examples in another reduction order, and their
+Frechet distances amplify round-off through a matrix square root: rtol 1e-4. A checkpoint
+resumed with the SAME process count repeats the same programs on the same data: bit-exact.
+
+Stopping: the stop flag is agreed through a collective every train.log_every steps
+(signals.stop_agreed), so SIGTERM to every process, or to only one of them, stops all of them
+at the same step with one checkpoint, and each exits 143 (launch/README.md, "Preemption and
+multi-host stops"). A killed process ends the others through the coordination service's
+heartbeat timeout (--heartbeat_timeout).
 """
 import json
 import os
@@ -76,43 +86,133 @@ def test_data_position_moves_to_another_host_count():
 
 
 # ------------------------------------------------------------------------------------------
-# Training: 2 processes x 4 devices == 1 process x 8 devices.
+# One pair of runs for the default CI run: the tiny config trained by 2 x 4 (checkpoints at
+# steps 2 and 4), then --mode=sample, likelihood and evaluate in the same workdir by 2 x 4; the
+# 1 x 8 baseline trains its own run (for the losses) and runs the three commands on a copy of
+# the 2-process checkpoint (so that they read the same parameters: the samples compare exactly).
 # ------------------------------------------------------------------------------------------
+# The smallest settings of every command: a 12-sample export in shards of 8 (the last shard
+# shorter than the batch), and every evaluator on 8 eval examples or images.
+SMALL = TINY + [
+    "--config.sample.num_samples=12", "--config.sample.batch_size=8",
+    "--config.evals.generation.num_samples=8",
+    "--config.evals.reconstruction.num_examples=8", "--config.evals.likelihood.num_examples=8",
+    "--config.evals.latent_stats.num_examples=8", "--config.evals.latent_stats.max_examples=8",
+    "--config.evals.robustness.num_examples=8", "--config.evals.robustness.num_images=8",
+    "--config.evals.robustness.lpips=False",
+    "--config.evals.interpolation.num_examples=8", "--config.evals.interpolation.num_images=8",
+    "--config.evals.interpolation.num_pairs=1", "--config.evals.interpolation.num_frames=2",
+]
+
+
+def _commands(workdir, processes, modes):
+  for mode in modes:
+    multiprocess.run_main(SMALL + [f"--workdir={workdir}", f"--mode={mode}"], processes=processes)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """workdirs of the tiny config trained by 2 x 4, then by 1 x 8 (one after the other: the
-  processes of a run must reach each collective within gloo's 30 s of each other)."""
+  """Workdirs: 'two' (trained, sampled, likelihood and evaluated by 2 x 4), 'one' (trained by
+  1 x 8), 'one_on_two' (sampled and evaluated by 1 x 8 on 'two's checkpoints; the evaluate
+  report holds the likelihood evaluator too, the baseline of likelihood.json). One distributed
+  run at a time: the processes of a run must reach each collective within gloo's 30 s of each
+  other."""
   root = tmp_path_factory.mktemp("multiprocess")
-  one, two = str(root / "one"), str(root / "two")
-  multiprocess.run_main(TINY + [f"--workdir={two}"], processes=2)
-  multiprocess.run_main(TINY + [f"--workdir={one}"], processes=1)
-  return {"one": one, "two": two, "root": root}
+  one, two, one_on_two = str(root / "one"), str(root / "two"), str(root / "one_on_two")
+  multiprocess.run_main(SMALL + [f"--workdir={two}"], processes=2)
+  shutil.copytree(two, one_on_two)
+  _commands(two, 2, ("sample", "likelihood", "evaluate"))
+  multiprocess.run_main(SMALL + [f"--workdir={one}"], processes=1)
+  _commands(one_on_two, 1, ("sample", "evaluate"))
+  return {"one": one, "two": two, "one_on_two": one_on_two, "root": root}
 
 
 def test_two_processes_train_like_one(runs):
   one, two = _rows(runs["one"]), _rows(runs["two"])
   assert [r["step"] for r in two] == [2, 4]  # written once (by process 0 only)
+  assert [r["step"] for r in one] == [2, 4]
   for a, b in zip(one, two):
+    assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
   events = [f for f in os.listdir(runs["two"]) if "tfevents" in f]
   assert len(events) == 1, events
+  saved = sorted(int(s) for s in os.listdir(os.path.join(runs["two"], "checkpoints")) if s.isdigit())
+  assert saved == [2, 4]
   data = sorted(os.listdir(os.path.join(runs["two"], "checkpoints", "4", "data")))
   assert [f for f in data if f.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+def _npz(workdir):
+  out = os.path.join(workdir, "samples")
+  with np.load(os.path.join(out, "samples_12x32x32x3.npz")) as f:
+    return f["arr_0"], f["arr_1"]
+
+
+def test_two_processes_sample_like_one(runs):
+  two, one = runs["two"], runs["one_on_two"]
+  images, labels = _npz(two)
+  assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.arange(12) % 10)
+  # Process 0 writes every shard (the images are gathered to it), as one process does.
+  assert sorted(os.listdir(os.path.join(two, "samples", "npz"))) == \
+      sorted(os.listdir(os.path.join(one, "samples", "npz")))
+  for a, b in zip(_npz(two), _npz(one)):
+    np.testing.assert_array_equal(a, b)  # per-example programs: no reduction crosses devices
+  with open(os.path.join(two, "samples", "sample_grid.png"), "rb") as a, \
+       open(os.path.join(one, "samples", "sample_grid.png"), "rb") as b:
+    assert a.read() == b.read()
+
+
+def _close(a, b, path=""):
+  """Reports equal: numbers to rtol 1e-4 (the sums over examples are reduced in another order
+  across devices and hosts), everything else exactly."""
+  if isinstance(a, dict):
+    assert a.keys() == b.keys(), path
+    for k in a:
+      _close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert isinstance(b, list) and len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float) or isinstance(b, float):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=path)
+  else:
+    assert a == b, path
+
+
+def _json(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return json.load(f)
+
+
+def test_two_processes_evaluate_like_one(runs):
+  report = os.path.join("eval", "report.json")
+  two, one = _json(runs["two"], report), _json(runs["one_on_two"], report)
+  assert {"generation", "reconstruction", "likelihood"} <= two.keys()
+  _close(one, two, "report")
+  assert two["likelihood"]["num_examples"] == 8
+  likelihood = _json(runs["two"], "likelihood.json")
+  assert likelihood.keys() == {"likelihood", "notes"}
+  _close(one["likelihood"], likelihood["likelihood"], "likelihood.json")
+
+
+# ------------------------------------------------------------------------------------------
+# Resuming (slow: two more 2-process runs).
+# ------------------------------------------------------------------------------------------
 def _from_step_2(src, dst):
   shutil.copytree(src, dst)
   shutil.rmtree(os.path.join(dst, "checkpoints", "4"))
   return dst
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_in_two_exactly_and_in_one(runs):
   root = runs["root"]
   again = _from_step_2(runs["two"], str(root / "two_again"))
   in_one = _from_step_2(runs["two"], str(root / "two_in_one"))
-  multiprocess.run_main(TINY + [f"--workdir={again}"], processes=2)
-  multiprocess.run_main(TINY + [f"--workdir={in_one}"], processes=1)
+  multiprocess.run_main(SMALL + [f"--workdir={again}"], processes=2)
+  multiprocess.run_main(SMALL + [f"--workdir={in_one}"], processes=1)
   assert _rows(again) == _rows(runs["two"])  # bit-exact: the same programs on the same data
   config = tiny.get_config()
   resumed = checkpoint.load_params(again, config)
@@ -122,6 +222,18 @@ def test_checkpoint_of_two_processes_resumes_in_two_exactly_and_in_one(runs):
   for a, b in zip(_rows(in_one), _rows(runs["one"])):  # 1 process continues the same stream
     for key in a:
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_export_resumes(runs):
+  workdir = str(runs["root"] / "two_export")
+  shutil.copytree(runs["two"], workdir)
+  expected = _npz(workdir)
+  os.remove(os.path.join(workdir, "samples", "npz", "shard_00001.npz"))
+  os.remove(os.path.join(workdir, "samples", "samples_12x32x32x3.npz"))
+  multiprocess.run_main(SMALL + [f"--workdir={workdir}", "--mode=sample"], processes=2)
+  for a, b in zip(_npz(workdir), expected):
+    np.testing.assert_array_equal(a, b)
 
 
 def jax_leaves(tree):
@@ -173,8 +285,8 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path, which):
 @pytest.mark.slow
 def test_a_killed_process_ends_the_others_with_an_error(tmp_path):
   workdir = str(tmp_path / "run")
-  procs = multiprocess.start_main(_ENDLESS + [f"--workdir={workdir}"], processes=2,
-                                  env={"SIMFLOW_HEARTBEAT_TIMEOUT": "10"})
+  procs = multiprocess.start_main(_ENDLESS + [f"--workdir={workdir}", "--heartbeat_timeout=10"],
+                                  processes=2)
   _wait_for_rows(workdir, procs)
   procs.procs[1].kill()
   start = time.monotonic()
@@ -182,3 +294,10 @@ def test_a_killed_process_ends_the_others_with_an_error(tmp_path):
   assert results[1].returncode == -signal.SIGKILL
   assert results[0].returncode not in (0, None), multiprocess.report(results)
   assert time.monotonic() - start < 180
+
+
+def test_heartbeat_timeout_flag_is_checked(tmp_path):
+  [result] = multiprocess.run_main(TINY + [f"--workdir={tmp_path / 'run'}", "--heartbeat_timeout=0"],
+                                   processes=1, timeout=120, check=False)
+  assert result.returncode == 2, multiprocess.report([result])
+  assert result.stderr.strip().splitlines()[-1].startswith("Error: --heartbeat_timeout=0"), result.stderr
