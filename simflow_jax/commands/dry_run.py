@@ -112,7 +112,7 @@ def _log_table(r: dict) -> None:
   lines.append(f"Memory per device ({r['mesh']['devices']} devices, mesh {r['mesh']['shape']}):")
   lines.append(f"  {'':<9s} {'total':>11s} {'params':>11s} {'KV cache':>11s} {'compiled':>11s}")
   tr, sa, ev = r["train"], r["sample"], r["evaluate"]
-  compiled = lambda m, key="peak": None if m is None else m[key]
+  compiled = lambda m: None if m is None else m["peak"]
   lines.append(f"  {'train':<9s} {_gib(tr['total_per_device_bytes']):>11s} "
                f"{_gib(tr['state_per_device_bytes']):>11s} {'-':>11s} "
                f"{_gib(tr['compiled_peak_per_device_bytes']):>11s}  (params + optimiser + EMA "
@@ -146,7 +146,8 @@ def run(config, workdir: str) -> dict:
   build.validate_config(config)
   n = int(config.dry_run.devices) or jax.device_count()
   mfu = float(config.dry_run.mfu)
-  with signals.StopOnSignal(unit="phase of the dry run", then="stop") as stop:
+  with signals.StopOnSignal(unit="phase (lowering or compiling)",
+                            then="exit without writing dry_run.json") as stop:
 
     def between():
       if stop.signum is not None:
