@@ -18,7 +18,7 @@ logs it as a table):
                   body once, so a scanned layer stack (flow.scan_layers) would count
                   one layer; the count is therefore taken from a copy of the step with
                   the layers unrolled (same math, same remat recompute).
-  memory          per device, for the mesh of the run: the compiled step's
+  memory, train   per device, for the mesh of the run: the compiled step's
                   memory_analysis (arguments + outputs - donated aliases + temporaries)
                   and, exactly from the shardings, the bytes of params / optimiser
                   state / EMA each device holds. The compiler is the local one (XLA:CPU
@@ -28,6 +28,7 @@ logs it as a table):
   timing_s        trace+lower and compile seconds of the real step on this machine: wall
                   clock, and CPU seconds of this process ('_cpu': all its threads; on a
                   machine shared with other jobs the wall clock overstates the cost).
+  sample, evaluate  per-device memory of inference on the same mesh (below).
   host_peak_rss_mb  this process's peak resident memory (the dry run allocates no state).
   estimates       step time, images/s, run time and cost on REFERENCE_CHIPS, as many
                   chips as devices in the mesh: step time = FLOPs / (chips x bf16 peak x
@@ -40,18 +41,40 @@ analysis runs in a subprocess with that many simulated CPU devices
 config.dry_run.mfu sets the assumed model FLOP utilisation. jax.distributed is never
 initialised.
 
+Inference is priced beside training (`inference_memory`), per device, on the same mesh:
+
+  train     the train step: compiled peak (else params + optimiser + EMA + frozen nets).
+  sample    --mode=sample / the evaluators' sampler: the generator's parameters (EMA, float32,
+            every tree but the discriminator: what checkpoint.restore_generator_params reads)
+            sharded by the mesh rules (mesh.fsdp); the KV cache of the block that needs the
+            most, `kv_cache_per_device_bytes` = layers x 2 (keys, values) x per-device batch
+            (x 2 when the block is guided: the [conditional; null] batch) x T tokens x width x
+            bytes of sample.kv_cache_dtype, the batch being sample.batch_size rounded up to the
+            device count and split over every device; and the compiled sampler's
+            memory_analysis (noise -> flow inverse -> VAE decode, on abstract sharded
+            parameters and labels), whose temporaries hold the caches and one step's
+            activations. total: the compiled peak, else params + KV cache.
+  evaluate  sampling, then the FID Inception features of each sampled batch, data-parallel
+            over the mesh: the generator's parameters stay resident while the Inception
+            network (float32 parameters, replicated) runs on the batch; total =
+            max(sample total, generator params + the compiled Inception peak (its
+            parameters, one batch's activations and features)), else the parameters alone.
+
 """
 import dataclasses
 import math
 import resource
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from simflow_jax import sample as sample_lib
 from simflow_jax import sharding
+from simflow_jax.models import build, guidance, inverse
+from simflow_jax.pretrained import inception
 from simflow_jax.steps import build_step
 
 
@@ -169,8 +192,91 @@ def _estimates(flops: float, num_devices: int, batch_size: int, num_steps: int, 
   return out
 
 
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def generator_params(config, mesh) -> dict:
+  """The abstract generator parameters as inference restores them (every tree but the
+  discriminator, in the EMA's shardings: checkpoint.restore_generator_params)."""
+  models = build.build_models(config)
+  params = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
+  params = {k: v for k, v in params.items() if k != "disc"}
+  return _abstract(params, sharding.tree_shardings(params, mesh, config.mesh, prefix=".ema"))
+
+
+def kv_cache_bytes(config, per_device_batch: int) -> int:
+  """Bytes of the largest block's KV cache (all T slots) for `per_device_batch` examples."""
+  flow = build.build_models(config).flow
+  itemsize = jnp.dtype(inverse.kv_cache_dtype(config.sample.kv_cache_dtype)).itemsize
+  guides = guidance.guides_from_config(flow, config.sample)
+  return max(depth * 2 * per_device_batch * (1 if guides[k] is None else 2) * flow.seq_len
+             * flow.width * itemsize for k, depth in enumerate(flow.layers_per_block))
+
+
+def inference_memory(config, mesh, compile: bool = True,  # noqa: A002
+                     between: Callable[[], None] = lambda: None) -> dict:
+  """{'sample': ..., 'evaluate': ...}: per-device memory of sampling and evaluation on `mesh`
+  (the module docstring says what is counted). With compile, the sampler and the Inception
+  forward are lowered and compiled on abstract inputs for their memory analysis."""
+  n = mesh.size
+  batch = sharding.device_multiple(int(config.sample.batch_size))
+  batch += -batch % n  # split over every device of the mesh
+  params = generator_params(config, mesh)
+  models = build.build_models(config)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  params_bytes = _device_bytes(params)
+  sample = {
+      "batch_size": batch, "per_device_batch": batch // n,
+      "kv_cache_dtype": config.sample.kv_cache_dtype, "inverse": config.sample.inverse,
+      "guidance": float(config.sample.guidance),
+      "params_global_bytes": _global_bytes(params), "params_per_device_bytes": params_bytes,
+      "kv_cache_per_device_bytes": kv_cache_bytes(config, batch // n),
+      "compiled_per_device_bytes": None, "compile_s": None,
+  }
+  image_shape = (batch, config.data.image_size, config.data.image_size, 3)
+  inception_params = jax.eval_shape(
+      inception.InceptionV3().init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3), jnp.float32))
+  inception_params = _abstract(inception_params["params"],
+                               jax.tree.map(lambda _: sharding.replicated(mesh),
+                                            inception_params["params"]))
+  evaluate = {
+      "batch_size": batch, "generator_params_per_device_bytes": params_bytes,
+      "inception_params_per_device_bytes": _device_bytes(inception_params),
+      "inception_compiled_per_device_bytes": None, "compile_s": None,
+  }
+  if compile:
+    fn = jax.jit(lambda p, l, r: sample_lib.sample_images(models, p, l, r, config.sample),
+                 keep_unused=True)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      compiled = fn.lower(params, labels, rng).compile()
+    sample["compile_s"] = time.perf_counter() - t0
+    sample["compiled_per_device_bytes"] = _compiled_memory(compiled)
+    between()
+    images = jax.ShapeDtypeStruct(image_shape, jnp.float32, sharding=sharding.batch_sharding(mesh))
+    net = inception.InceptionV3()
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(lambda p, x: net.apply({"params": p}, x)).lower(
+          inception_params, images).compile()
+    evaluate["compile_s"] = time.perf_counter() - t0
+    evaluate["inception_compiled_per_device_bytes"] = _compiled_memory(compiled)
+  sample_peak = (sample["compiled_per_device_bytes"] or {}).get("peak")
+  sample["total_per_device_bytes"] = (sample_peak if sample_peak is not None else
+                                      params_bytes + sample["kv_cache_per_device_bytes"])
+  inception_peak = (evaluate["inception_compiled_per_device_bytes"] or {}).get(
+      "peak", evaluate["inception_params_per_device_bytes"])
+  evaluate["total_per_device_bytes"] = max(sample["total_per_device_bytes"],
+                                           params_bytes + inception_peak)
+  return {"sample": sample, "evaluate": evaluate}
+
+
 def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # noqa: A002
-            mfu: float = DEFAULT_MFU) -> dict:
+            mfu: float = DEFAULT_MFU, between: Callable[[], None] = lambda: None) -> dict:
   """Parameter counts, FLOPs, per-device memory, compile time and cost of one train step.
 
   Args:
@@ -182,6 +288,8 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
     compile: also compile the step (memory analysis and compile time); lowering alone
       gives parameter counts and FLOPs.
     mfu: the assumed model FLOP utilisation of the reference-chip estimates.
+    between: called between the phases (lowering, compiling the train step, the sampler,
+      the Inception network): the dry run's check for a stop signal, which may raise.
   Returns:
     a JSON-serialisable dict (see the module docstring).
   """
@@ -206,6 +314,7 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
   flops = step_flops(config, mesh, lowered)
   timing["flop_count_lowering"] = time.perf_counter() - t0
   timing["compile"] = timing["compile_cpu"] = None
+  between()
 
   state = spec.state
   memory = {
@@ -223,7 +332,15 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
     compiled = lowered.compile()
     timing["compile"], timing["compile_cpu"] = time.perf_counter() - t0, time.process_time() - c0
     memory["compiled_per_device_bytes"] = _compiled_memory(compiled)
+    between()
   peak = (memory["compiled_per_device_bytes"] or {}).get("peak")
+  spec_frozen_bytes = memory["frozen_per_device_bytes"]
+  train = {"state_per_device_bytes": sum(memory["state_per_device_bytes"].values()),
+           "frozen_per_device_bytes": spec_frozen_bytes,
+           "compiled_peak_per_device_bytes": peak}
+  train["total_per_device_bytes"] = (peak if peak is not None else
+                                     train["state_per_device_bytes"] + spec_frozen_bytes)
+  inference = inference_memory(config, mesh, compile=compile, between=between)
 
   b = config.data.batch_size
   return {
@@ -237,6 +354,9 @@ def analyze(config, num_devices: Optional[int] = None, compile: bool = True,  # 
       "frozen_params": {k: _count(v) for k, v in spec.frozen.items()},
       "flops": {"per_step": flops, "per_example": flops / b, "per_device_per_step": flops / n},
       "memory": memory,
+      "train": train,
+      "sample": inference["sample"],
+      "evaluate": inference["evaluate"],
       "timing_s": timing,
       "host_peak_rss_mb": _peak_rss_mb(),
       "estimates": {"mfu": mfu, "chips": n,

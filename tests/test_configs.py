@@ -121,6 +121,7 @@ CONFIG_ERRORS = [
     ({"sample.guidance_schedule": "cosine"}, "config.sample.guidance_schedule='cosine' is not one of"),
     ({"sample.guidance_blocks": "shallow"}, "config.sample.guidance_blocks='shallow' is not one of"),
     ({"sample.inverse": "dense"}, "config.sample.inverse='dense' is not one of"),
+    ({"sample.kv_cache_dtype": "float16"}, "config.sample.kv_cache_dtype='float16' is not one of"),
     ({"sample.guidance": -0.5}, "config.sample.guidance must be >= 0"),
     ({"flow.cond": "none", "sample.guidance": 1.0}, "set --config.sample.guidance=0"),
     ({"sample.classes": (1, 10)}, "config.sample.classes=(1, 10): class ids [10] are outside [0, 10)"),

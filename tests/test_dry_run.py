@@ -1,15 +1,24 @@
-"""The dry run: counts match a real init, scanned layers are counted, memory, simulated meshes."""
+"""The dry run: counts match a real init, scanned layers are counted, memory (training, sampling,
+evaluation), simulated meshes, stopping on SIGINT / SIGTERM."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from configs import tiny
-from simflow_jax import sharding, step_cost, steps
+from simflow_jax import errors, sharding, step_cost, steps
 from simflow_jax.commands import dry_run
 from simflow_jax.models import build, layers
-from simflow_jax.pretrained import dinov2, lpips
+from simflow_jax.pretrained import dinov2, inception, lpips
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +136,133 @@ def test_abstract_frozen_networks_have_the_loaded_shapes():
   with pytest.raises(ValueError, match="do not match preset"):
     dinov2.check_params(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), frozen["repa_encoder"]),
                         "dinov2_s14")
+
+
+def _bytes(tree) -> int:
+  return sum(4 * x.size for x in jax.tree.leaves(tree))
+
+
+def test_sample_and_evaluate_sections(result, real_params):
+  """Sampling holds the generator's parameters (no discriminator, no optimiser), its KV cache
+  and the compiled sampler's buffers; evaluation adds the Inception network's."""
+  s, e, t = result["sample"], result["evaluate"], result["train"]
+  generator = {k: v for k, v in real_params.items() if k != "disc"}
+  assert s["params_global_bytes"] == s["params_per_device_bytes"] == _bytes(generator)  # fsdp 1
+  assert s["params_per_device_bytes"] < result["memory"]["state_per_device_bytes"]["params"] + 1
+  config = tiny.get_config()
+  flow = build.build_models(config).flow
+  assert s["batch_size"] == config.sample.batch_size == 8 and s["per_device_batch"] == 4
+  assert config.sample.guidance == 0 and s["kv_cache_dtype"] == "float32"
+  # Keys and values of the largest block's layers, every token slot, float32.
+  kv = max(flow.layers_per_block) * 2 * 4 * flow.seq_len * flow.width * 4
+  assert s["kv_cache_per_device_bytes"] == kv
+  c = s["compiled_per_device_bytes"]
+  assert c["argument"] >= s["params_per_device_bytes"], "the parameters are the sampler's arguments"
+  assert c["temp"] >= kv, "the KV cache lives in the sampler's temporaries"
+  assert s["total_per_device_bytes"] == c["peak"] and s["compile_s"] > 0
+  net_params = jax.eval_shape(inception.InceptionV3().init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 299, 299, 3), np.float32))["params"]
+  assert e["inception_params_per_device_bytes"] == _bytes(net_params) > 90e6  # 23.8 M, replicated
+  ci = e["inception_compiled_per_device_bytes"]
+  assert ci["argument"] >= e["inception_params_per_device_bytes"] and ci["temp"] > 0
+  assert e["total_per_device_bytes"] == max(s["total_per_device_bytes"],
+                                            e["generator_params_per_device_bytes"] + ci["peak"])
+  assert t["total_per_device_bytes"] == result["memory"]["compiled_per_device_bytes"]["peak"]
+
+
+def _inference(config, devices: int = 8) -> dict:
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
+  return step_cost.inference_memory(config, mesh, compile=False)
+
+
+def test_inference_memory_follows_the_mesh_batch_and_cache_dtype(real_params):
+  """Params per device: fsdp 8 holds 1/8 of every split leaf, all of the others; the KV cache
+  grows with the batch and the guided (doubled) batch, and halves in bfloat16."""
+  config = tiny.get_config()
+  with config.unlocked():
+    config.mesh.fsdp_min_size = 256
+    config.sample.batch_size = 16
+  base = _inference(config)
+  with config.unlocked():
+    config.mesh.fsdp = 8
+  split = _inference(config)
+  generator = [x for k, v in real_params.items() if k != "disc" for x in jax.tree.leaves(v)]
+  split_bytes = sum(4 * x.size for x in generator
+                    if x.size >= 256 and any(d % 8 == 0 for d in x.shape))
+  assert 0 < split_bytes < base["sample"]["params_per_device_bytes"]
+  assert base["sample"]["params_per_device_bytes"] == _bytes(generator)
+  assert split["sample"]["params_per_device_bytes"] == _bytes(generator) - split_bytes * 7 // 8
+  assert (split["evaluate"]["generator_params_per_device_bytes"]
+          == split["sample"]["params_per_device_bytes"])
+  # The batch is split over all 8 devices, whatever the fsdp size.
+  kv = base["sample"]["kv_cache_per_device_bytes"]
+  assert split["sample"]["kv_cache_per_device_bytes"] == kv
+  assert base["sample"]["per_device_batch"] == 2
+  with config.unlocked():
+    config.sample.batch_size = 32
+  assert _inference(config)["sample"]["kv_cache_per_device_bytes"] == 2 * kv
+  with config.unlocked():
+    config.sample.kv_cache_dtype = "bfloat16"
+  assert _inference(config)["sample"]["kv_cache_per_device_bytes"] == kv
+  with config.unlocked():
+    config.sample.guidance = 1.5
+  assert _inference(config)["sample"]["kv_cache_per_device_bytes"] == 2 * kv
+  for out in (base, split):
+    assert out["sample"]["compiled_per_device_bytes"] is None
+    assert out["sample"]["total_per_device_bytes"] == (out["sample"]["params_per_device_bytes"]
+                                                       + out["sample"]["kv_cache_per_device_bytes"])
+
+
+def test_a_signal_stops_the_dry_run_in_process(tmp_path, monkeypatch):
+  """A signal received during a phase ends the run at the next phase boundary, writing nothing."""
+  def analyze(config, num_devices, mfu, between):
+    del config, num_devices, mfu
+    os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler; the phase goes on
+    between()
+    raise AssertionError("the dry run went on after the signal")
+
+  monkeypatch.setattr(step_cost, "analyze", analyze)
+  config = tiny.get_config()
+  config.dry_run.devices = 1
+  with pytest.raises(errors.Interrupted, match="Interrupted by SIGTERM: nothing written") as e:
+    dry_run.run(config, str(tmp_path))
+  assert e.value.signum == signal.SIGTERM
+  assert list(tmp_path.iterdir()) == []
+
+
+def _cmdline(process) -> list:
+  try:
+    return process.cmdline()
+  except psutil.Error:  # it ended meanwhile
+    return []
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_dry_run_and_its_subprocess(tmp_path):
+  """main.py --mode=dry_run simulating more devices than it has: SIGINT while the subprocess
+  works ends both, exit 130, the reason as the last line, no dry_run.json."""
+  workdir, log = tmp_path / "dr", tmp_path / "stderr.txt"
+  with open(log, "w") as err:  # 8 devices here (conftest): 16 are simulated in a subprocess
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+                             "--config=configs/tiny.py", "--mode=dry_run",
+                             "--config.dry_run.devices=16", f"--workdir={workdir}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline, child = time.monotonic() + 300, None
+    while child is None and time.monotonic() < deadline and proc.poll() is None:
+      child = next((c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "simflow_jax.commands.dry_run" in " ".join(_cmdline(c))), None)
+      time.sleep(0.2)
+    assert child is not None, log.read_text()[-3000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+    proc.wait()
+  stderr = log.read_text()
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith("Interrupted by SIGINT: nothing written;")
+  child.wait(timeout=15)  # psutil.TimeoutExpired: the subprocess outlived the signal
+  assert not child.is_running()
+  assert not workdir.exists() or list(workdir.iterdir()) == []

@@ -245,7 +245,6 @@ def _run(config, workdir: str, stop: signals.StopOnSignal) -> dict:
   def dispatch(i):
     return fn(params, _shard_labels(i, batch, n, models.num_classes), jax.random.fold_in(base_key, i))
 
-  to_do = sum(min(batch, n - i * batch) for i in pending)
   t0, done_images = time.time(), 0
   bar = progress.Progress("Export", len(pending), "shards", stop=stop)
   try:

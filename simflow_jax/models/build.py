@@ -177,6 +177,7 @@ def validate_config(config) -> None:
   _choice("sample.guidance_schedule", s.guidance_schedule, guidance.SCHEDULES)
   _choice("sample.guidance_blocks", s.guidance_blocks, guidance.BLOCKS)
   _choice("sample.inverse", s.inverse, tuple(m for m in inverse.METHODS if m != "dense"))
+  _choice("sample.kv_cache_dtype", s.kv_cache_dtype, tuple(inverse.KV_CACHE_DTYPES))
   if s.guidance < 0:
     raise ValueError(f"config.sample.guidance must be >= 0 (0 = no guidance), got {s.guidance}.")
   if s.guidance > 0 and f.cond == "none":
