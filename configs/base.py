@@ -34,7 +34,9 @@ EVAL_TYPES = {
     # metrics: auto (Inception with eval.inception_weights, else the digit classifier on the
     # embedded digits, else skipped with a note) | inception | digits. guidance < 0: sample.guidance.
     "generation": {**_COMMON, "num_samples": 1000, "metrics": "auto", "guidance": -1.0},
-    "reconstruction": dict(_COMMON),
+    # noisy: decode the flow's input (x plus the loss.flow_noise_* noise) instead: PSNR, rFD
+    # (digit/Inception features when available), the latent's std and the noise's std.
+    "reconstruction": {**_COMMON, "noisy": False},
     "likelihood": dict(_COMMON),
     "latent_stats": {**_COMMON, "max_examples": 10_000},
     # PSNR (and LPIPS when lpips) of decode(mu + s eps) for s in noise_sweep, on num_images images.
@@ -128,6 +130,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   l.label_dropout = 0.1
   l.gan_start_step = 0        # adversarial term (and D updates) start here
   l.flow_noise_std = 0.0      # std of Gaussian noise added to the flow's input (0 = none; STARFlow: 0.3)
+  l.flow_noise_relative = False  # True: that std is in units of the latent's std (the batch's std
+                              # of mu over all its elements, stop-gradient; train_step.flow_input)
   l.decode_noisy = True       # with flow_noise_std > 0, the decoder (where it trains) decodes
                               # the same noisy latents the flow models, so samples need no denoiser
   l.posterior_entropy = True  # learned posterior: the ELBO's entropy term (per dim, weight w_nf)
@@ -219,15 +223,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- the variant study (simflow_jax/commands/study/; configs/study_digits.py) ------
   c.study = st = ml_collections.ConfigDict()
   st.rows = ()                 # row names (configs/variants.py ROWS); empty = all
-  st.seeds = (0, 1, 2)
-  st.steps = 1200              # >= 1, total step budget of every row (a stage-1 VAE's steps count)
-  st.stage1_fraction = 0.5     # in (0, 1); two-stage rows: share of the budget spent on the VAE alone
+  st.seeds = (0, 1, 2, 3)      # the study's seeds; a row runs the first variants.ROWS[row].seeds
+  st.steps = 1200              # >= 1, the flow's steps in EVERY row (warmup and EMA from optim.*)
+  st.stage1_steps = 1500       # >= 1, steps of each stage-1 VAE trained alone (once per preset, on
+                               # seed study.seeds[0]); not charged to the flows
+  st.pilot = True              # SimFlow's first seed runs first; the study stops (nothing else runs)
+  st.pilot_min_class_acc = 0.9  # unless its guided class accuracy reaches this
   st.num_eval_examples = 500   # eval-split examples per evaluation (0 = the whole split)
-  st.quick = False             # a short version: steps, seeds, num_eval_examples, the generation
-                               # evaluators' num_samples and empty rows become the quick_* below
-                               # (the study logs each value it replaces)
-  st.quick_steps = 300
-  st.quick_seeds = (0,)
+  st.quick = False             # a short version: steps, stage1_steps, seeds, num_eval_examples, the
+                               # generation evaluators' num_samples and empty rows become the
+                               # quick_* below (the study logs each value it replaces)
+  st.quick_steps = 250
+  st.quick_stage1_steps = 250
+  st.quick_pilot_min_class_acc = 0.0  # the quick flows are too short to be judged: the line only
+  st.quick_seeds = (0, 1)
   st.quick_num_eval_examples = 300
   st.quick_num_samples = 300
   st.quick_rows = ("frozen_vae_fixed", "end_to_end_noise", "simflow")

@@ -2,7 +2,9 @@
 
 One step (paper Sec. 3), the rng folded from the state's key and the step:
   mu, [logvar] = encoder(image)
-  x         = mu + std * eps [+ n],  n ~ N(0, loss.flow_noise_std^2)   (flow_input)
+  x         = mu + std * eps [+ n],  n ~ N(0, s^2)   (flow_input)
+              s = loss.flow_noise_std, times stop_grad(std of mu over the batch's elements)
+              when loss.flow_noise_relative (noise relative to the latent's scale)
   recon     = decoder(x)             (x without n when loss.decode_noisy is False)
   z, ld     = flow(x, label dropped to the null class w.p. p)
   loss_g    = w_l1 L1 + w_lpips LPIPS + w_kl KL + w_gan G_adv
@@ -55,6 +57,11 @@ def flow_noise_std(config) -> float:
   return float(config.loss.flow_noise_std)
 
 
+def flow_noise_relative(config) -> bool:
+  """Whether flow_noise_std is in units of the latent's std (loss.flow_noise_relative)."""
+  return bool(config.loss.flow_noise_relative)
+
+
 def create_train_state(models: build.Models, config, tx, rng) -> TrainState:
   k_init, k_train = jax.random.split(rng)
   params = build.init_params(models, k_init)
@@ -80,14 +87,17 @@ class FlowInput(flax.struct.PyTreeNode):
   latents: jax.Array          # (B, h, w, c) mu + std * eps (mu when use_mean)
   noisy: jax.Array            # (B, h, w, c) latents + noise_std * n: what the flow models
   var: jax.Array              # (B, h, w, c) per-dim variance of `noisy` given the image
+  noise_std: jax.Array        # () the std of the added noise (absolute)
 
 
 def flow_input(models: build.Models, vae_params, images, rng, noise_std: float,
-               use_mean: bool = False) -> FlowInput:
-  """images (B, H, W, C) -> the flow's input: mu + std * eps + noise_std * n.
+               use_mean: bool = False, relative: bool = False) -> FlowInput:
+  """images (B, H, W, C) -> the flow's input: mu + std * eps + s * n.
 
-  The one place the flow's input is made, for training and for likelihoods. use_mean:
-  the input is mu itself (no posterior noise, no extra noise; rng unused).
+  The one place the flow's input is made, for training and for likelihoods. s = noise_std,
+  or with `relative` noise_std * stop_gradient(std of mu over all of the batch's elements),
+  so the noise keeps its size against the latent's. use_mean: the input is mu itself (no
+  posterior noise, no extra noise; rng unused).
   """
   posterior = models.vae.apply({"params": vae_params}, images, method=VAE.encode)
   if posterior.logvar is None:
@@ -96,13 +106,17 @@ def flow_input(models: build.Models, vae_params, images, rng, noise_std: float,
     var = jnp.exp(posterior.logvar)
   if use_mean:
     return FlowInput(posterior=posterior, latents=posterior.mu, noisy=posterior.mu,
-                     var=jnp.zeros_like(var))
+                     var=jnp.zeros_like(var), noise_std=jnp.zeros((), jnp.float32))
   k_eps, k_noise = jax.random.split(rng)
   latents = sample_latents(posterior, k_eps, models.vae.sigma_bar)  # (B, h, w, c)
-  noisy = latents
+  noisy, scale = latents, jnp.zeros((), jnp.float32)
   if noise_std > 0:
-    noisy = latents + noise_std * jax.random.normal(k_noise, latents.shape, jnp.float32)
-  return FlowInput(posterior=posterior, latents=latents, noisy=noisy, var=var + noise_std ** 2)
+    scale = jnp.float32(noise_std)
+    if relative:
+      scale = scale * jax.lax.stop_gradient(jnp.std(posterior.mu))
+    noisy = latents + scale * jax.random.normal(k_noise, latents.shape, jnp.float32)
+  return FlowInput(posterior=posterior, latents=latents, noisy=noisy, var=var + scale ** 2,
+                   noise_std=scale)
 
 
 def _repa_targets(images, frozen, config):
@@ -131,7 +145,8 @@ def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models,
   p = _frozen_view(gen_params, freeze)
   vae_vars = {"params": p["vae"]}
 
-  inp = flow_input(models, p["vae"], images, k_in, l.flow_noise_std)
+  inp = flow_input(models, p["vae"], images, k_in, l.flow_noise_std,
+                   relative=l.flow_noise_relative)
   posterior, latents = inp.posterior, inp.latents
   drop = jax.random.bernoulli(k_drop, l.label_dropout, labels.shape)
   flow_labels = jnp.where(drop, models.num_classes, labels)
@@ -193,6 +208,7 @@ def generator_loss(gen_params, disc_params, batch, frozen, rng, step, *, models,
   metrics["latent_mean"] = jnp.mean(latents)
   metrics["latent_std"] = jnp.std(latents)
   metrics["mu_std"] = jnp.std(posterior.mu)
+  metrics["flow_noise_std"] = inp.noise_std
   return total, (metrics, recon)
 
 

@@ -169,7 +169,7 @@ RANGE_ERRORS = [
     ("study.steps", 0, ">= 1"),
     ("study.workers", 0, ">= 1"),
     ("study.seeds", (), "at least one seed"),
-    ("study.stage1_fraction", 1.0, "(0, 1)"),
+    ("study.stage1_steps", 0, ">= 1"),
     ("study.num_eval_examples", -1, ">= 0"),
 ]
 

@@ -95,14 +95,15 @@ def _by_hand_loss(config, models, params, batch, rng):
   post = models.vae.apply({"params": params["vae"]}, batch["image"], method=vae_lib.VAE.encode)
   std = jnp.exp(0.5 * post.logvar)
   x = post.mu + std * jax.random.normal(k_eps, post.mu.shape)
-  x_flow = x + l.flow_noise_std * jax.random.normal(k_noise, x.shape)
+  s = l.flow_noise_std * (jnp.std(post.mu) if l.flow_noise_relative else 1.0)  # relative: x std(mu)
+  x_flow = x + s * jax.random.normal(k_noise, x.shape)
   drop = jax.random.bernoulli(k_drop, l.label_dropout, batch["label"].shape)
   labels = jnp.where(drop, models.num_classes, batch["label"])
   tokens = models.to_tokens(x_flow)
   z, logdet, _ = models.flow.apply({"params": params["flow"]}, tokens, labels)
   n = tokens.shape[1] * tokens.shape[2]
   nll = (0.5 * jnp.sum(z.reshape(z.shape[0], -1) ** 2, 1) + 0.5 * n * np.log(2 * np.pi) - logdet) / n
-  var = (std ** 2 + l.flow_noise_std ** 2).reshape(z.shape[0], -1)
+  var = (std ** 2 + s ** 2).reshape(z.shape[0], -1)
   entropy = jnp.mean(0.5 * np.log(2 * np.pi * np.e) + 0.5 * jnp.log(var), axis=1)
   recon = models.vae.apply({"params": params["vae"]}, x_flow, method=vae_lib.VAE.decode)
   l1 = jnp.mean(jnp.abs(recon - batch["image"]).reshape(z.shape[0], -1), 1)
@@ -138,7 +139,7 @@ def test_noise_rows_decode_the_noisy_latents_the_flow_models():
     fn = jax.jit(functools.partial(train_step.generator_loss, models=models, config=config))
     out[noisy] = fn(gen, None, batch, frozen, rng, jnp.int32(0))[1][1]
   inp = train_step.flow_input(models, params["vae"], batch["image"], jax.random.split(rng)[0],
-                              config.loss.flow_noise_std)
+                              config.loss.flow_noise_std, relative=config.loss.flow_noise_relative)
   decode = lambda x: models.vae.apply({"params": params["vae"]}, x, method=vae_lib.VAE.decode)
   np.testing.assert_allclose(out[True], decode(inp.noisy), atol=1e-5)
   np.testing.assert_allclose(out[False], decode(inp.latents), atol=1e-5)

@@ -124,7 +124,8 @@ def plot_gen_fd(table: dict, path: str) -> None:
 
 def plot_robustness_sweep(table: dict, path: str) -> None:
   """The study's Fig. 3a: decoder PSNR under latent noise, end-to-end fixed sigma_bar vs
-  learnable variance (rows marked fig3a)."""
+  learnable variance, end to end and the stage-1 standard VAE (rows marked fig3a; rows of
+  kind 'stage1' dashed)."""
   chosen = [n for n, e in table.items() if e.get("robustness") and e["fig3a"]]
   if not chosen:
     return
@@ -134,7 +135,8 @@ def plot_robustness_sweep(table: dict, path: str) -> None:
     curve = table[n]["robustness"]
     label = table[n]["label"].replace("end-to-end / ", "")
     ax.errorbar([p["s"] for p in curve], [p["psnr"] for p in curve],
-                yerr=[p["psnr_std"] or 0.0 for p in curve], marker="o", capsize=2, label=label)
+                yerr=[p["psnr_std"] or 0.0 for p in curve], marker="o", capsize=2, label=label,
+                linestyle="--" if table[n].get("kind") == "stage1" else "-")
   ax.set_xlabel("noise scale s (decode mu + s * eps)")
   ax.set_ylabel("PSNR (dB)")
   ax.legend(fontsize=8)

@@ -30,39 +30,42 @@ from simflow_jax.evals import context
 from simflow_jax.models import flow as flow_lib
 
 
-@functools.partial(jax.jit, static_argnames=("models", "use_mean", "noise_std"))
-def latent_bits_per_dim(models, params, images, labels, rng, use_mean: bool, noise_std: float = 0.0):
+@functools.partial(jax.jit, static_argnames=("models", "use_mean", "noise_std", "relative"))
+def latent_bits_per_dim(models, params, images, labels, rng, use_mean: bool, noise_std: float = 0.0,
+                        relative: bool = False):
   """Exact flow bits/dim of each image's latent, (B,) float32.
 
   params {'vae', 'flow'}; images (B, H, W, C) in [-1, 1]; labels (B,) int32 (the class
   conditioned on; `num_classes` = the null class gives the unconditional density);
   use_mean: the latent is mu (rng unused) or a posterior sample mu + std * eps (+ the
-  noise_augmented noise `noise_std`, see train_step.flow_noise_std).
+  noise_augmented noise `noise_std`, `relative` to the latent's std: train_step.flow_input).
   """
-  inp = train_step.flow_input(models, params["vae"], images, rng, noise_std, use_mean)
+  inp = train_step.flow_input(models, params["vae"], images, rng, noise_std, use_mean, relative)
   tokens = models.to_tokens(inp.noisy)  # (B, T, D)
   z, logdet = flow_lib.forward(models.flow, params["flow"], tokens, labels)
   n_dims = tokens.shape[1] * tokens.shape[2]
   return losses.bits_per_dim(losses.flow_nll(z, logdet), n_dims)
 
 
-@functools.partial(jax.jit, static_argnames=("models", "noise_std"))
-def posterior_entropy_bits_per_dim(models, params, images, noise_std: float = 0.0):
+@functools.partial(jax.jit, static_argnames=("models", "noise_std", "relative"))
+def posterior_entropy_bits_per_dim(models, params, images, noise_std: float = 0.0,
+                                   relative: bool = False):
   """Differential entropy of the flow-input distribution q(x | image) per dim, in bits, (B,).
 
   q = N(mu, std^2 + noise_std^2) per dim: H = mean over dims of 0.5 * log(2 pi e var) / ln 2.
   """
-  inp = train_step.flow_input(models, params["vae"], images, jax.random.key(0), noise_std)
+  inp = train_step.flow_input(models, params["vae"], images, jax.random.key(0), noise_std,
+                              relative=relative)
   return losses.gaussian_entropy_per_dim(inp.var) / math.log(2)
 
 
-@functools.partial(jax.jit, static_argnames=("models", "noise_std"))
-def _masked_sums(models, params, batch, rng, noise_std: float):
+@functools.partial(jax.jit, static_argnames=("models", "noise_std", "relative"))
+def _masked_sums(models, params, batch, rng, noise_std: float, relative: bool):
   """One eval batch -> masked sums (replicated scalars) of the three per-example numbers."""
   images, labels, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
-  bpd_mu = latent_bits_per_dim(models, params, images, labels, rng, True, noise_std)
-  bpd_x = latent_bits_per_dim(models, params, images, labels, rng, False, noise_std)
-  ent = posterior_entropy_bits_per_dim(models, params, images, noise_std)
+  bpd_mu = latent_bits_per_dim(models, params, images, labels, rng, True, noise_std, relative)
+  bpd_x = latent_bits_per_dim(models, params, images, labels, rng, False, noise_std, relative)
+  ent = posterior_entropy_bits_per_dim(models, params, images, noise_std, relative)
   return {"mu": jnp.sum(bpd_mu * mask), "sampled": jnp.sum(bpd_x * mask),
           "entropy": jnp.sum(ent * mask), "count": jnp.sum(mask)}
 
@@ -80,6 +83,7 @@ def split_bits_per_dim(config, models, params, mesh=None, split=None, num_exampl
   split = config.data.eval_split if split is None else split
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   noise_std = train_step.flow_noise_std(config)
+  relative = train_step.flow_noise_relative(config)
   loader = pipeline.make_eval_loader(config.data, split, config.data.batch_size,
                                      jax.process_index(), jax.process_count(), num_examples)
   totals = {"mu": 0.0, "sampled": 0.0, "entropy": 0.0, "count": 0.0}
@@ -90,7 +94,7 @@ def split_bits_per_dim(config, models, params, mesh=None, split=None, num_exampl
                           stop=stop)
   for i, batch in enumerate(loader):  # inputs carry their shardings: jit follows them
     sums = _masked_sums(models, params, sharding.global_batch(batch, mesh),
-                        jax.random.fold_in(key, i), noise_std)
+                        jax.random.fold_in(key, i), noise_std, relative)
     for k, v in jax.device_get(sums).items():
       totals[k] += float(v)
     bar.update()
@@ -108,6 +112,7 @@ def split_bits_per_dim(config, models, params, mesh=None, split=None, num_exampl
       "dims_per_example": t_len * d,
       "split": split,
       "flow_input_noise_std": noise_std,
+      "flow_input_noise_relative": relative,
   }
 
 

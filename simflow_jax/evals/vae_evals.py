@@ -3,6 +3,10 @@ interpolation (evals/declared.py builds them from config.evals; docs/evaluation.
 
   reconstruction  PSNR of decode(x) and of decode(mu) against the eval split's images
                   (x = mu + std * eps, the posterior sample the decoder is trained on).
+                  With `noisy`: of decode(the flow's input, train_step.flow_input: x plus
+                  the loss.flow_noise_* noise) instead, its rFD (the generation features:
+                  digits or Inception, when available), the latent's std (std of mu over
+                  each batch's elements, the relative noise's unit) and the noise's std.
   latent_stats    latent_stats.latent_statistics of mu and of x over the first max_examples
                   examples: metrics mu_<stat>, x_<stat>. Figure NAME.png.
   robustness      PSNR (and LPIPS, with `lpips` and weights: loss.lpips_weights or the ones
@@ -14,9 +18,12 @@ interpolation (evals/declared.py builds them from config.evals; docs/evaluation.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from simflow_jax.evals import context, figures, latent_stats, robustness
+from simflow_jax import sharding, train_step
+from simflow_jax.evals import context, evaluators, figures, latent_stats, robustness
+from simflow_jax.models import vae as vae_lib
 from simflow_jax.pretrained import lpips
 
 
@@ -25,8 +32,14 @@ class ReconstructionEvaluator:
   def __init__(self, name: str, entry, ctx: context.Context):
     self.name, self.entry, self.ctx = name, entry, ctx
     self.reconstruct = context.vae_passes(ctx.models)["reconstruct"]
+    if entry.noisy:
+      self.noisy_pass = jax.jit(functools.partial(
+          _noisy_reconstruction, ctx.models, train_step.flow_noise_std(ctx.config),
+          train_step.flow_noise_relative(ctx.config)))
 
   def run(self, params) -> dict:
+    if self.entry.noisy:
+      return self._run_noisy(params["vae"])
     sums, n = {"psnr": 0.0, "psnr_mu": 0.0}, 0
     for host in context.reconstructions(self.ctx, self.reconstruct, params["vae"],
                                         self.entry.num_examples):
@@ -36,8 +49,40 @@ class ReconstructionEvaluator:
       n += b
     return {"psnr": sums["psnr"] / n, "psnr_mu": sums["psnr_mu"] / n, "num_examples": n}
 
+  def _run_noisy(self, vae) -> dict:
+    c = self.ctx
+    feats = evaluators.make_evaluator(c.config, c.workdir)
+    real, recon = evaluators.Features(), evaluators.Features()
+    sums, n = {"psnr": 0.0, "mu_std": 0.0, "noise_std": 0.0}, 0
+    key = jax.random.key(c.config.seed + 1)  # batch i: fold_in(key, i), reruns agree
+    for i, gb in enumerate(c.eval_batches(self.entry.num_examples)):
+      out = self.noisy_pass(vae, gb["image"], jax.random.fold_in(key, i))
+      host = sharding.fetch({**out, "image": gb["image"], "mask": gb["mask"]})
+      m = host["mask"]
+      if not m.any():
+        continue
+      b = int(m.sum())
+      sums["psnr"] += robustness.psnr(host["recon"][m], host["image"][m]) * b
+      sums["mu_std"] += float(host["mu_std"]) * b
+      sums["noise_std"] += float(host["noise_std"]) * b
+      n += b
+      if not isinstance(feats, evaluators.SkippedEvaluator):
+        real.add(feats.features(host["image"][m]))
+        recon.add(feats.features(host["recon"][m]))
+    out = {k: v / n for k, v in sums.items()}
+    if real.parts:
+      out["rfd"] = evaluators.frechet_distance(recon.get()["pool"], real.get()["pool"])
+    return {**out, "num_examples": n, "relative": train_step.flow_noise_relative(c.config)}
+
   def figures(self) -> dict:
     return {}
+
+
+def _noisy_reconstruction(models, noise_std: float, relative: bool, vae, images, rng) -> dict:
+  inp = train_step.flow_input(models, vae, images, rng, noise_std, relative=relative)
+  recon = models.vae.apply({"params": vae}, inp.noisy, method=vae_lib.VAE.decode)
+  return {"recon": jnp.clip(recon, -1, 1), "mu_std": jnp.std(inp.posterior.mu),
+          "noise_std": inp.noise_std}
 
 
 class LatentStatsEvaluator:

@@ -78,7 +78,8 @@ _LOWER_BOUNDS = (
     ("mesh.fsdp_min_size", 0, False, "parameters with fewer elements stay replicated"),
     ("sample.batch_size", 1, False, "global batch per sampling step"),
     ("eval.classifier_steps", 1, False, "digit classifier training steps"),
-    ("study.steps", 1, False, "total step budget of every study row"),
+    ("study.steps", 1, False, "the flow's steps in every study row"),
+    ("study.stage1_steps", 1, False, "steps of a stage-1 VAE trained alone"),
     ("study.num_eval_examples", 0, False, "eval-split examples per evaluation; 0 = the whole split"),
     ("study.workers", 1, False, "processes running row-seeds at once"),
 )
@@ -120,9 +121,6 @@ def _check_ranges(config) -> None:
                      f"devices, got {m.data}.")
   if not st.seeds:
     raise ValueError("config.study.seeds must name at least one seed, e.g. --config.study.seeds='(0,)'.")
-  if not 0.0 < st.stage1_fraction < 1.0:
-    raise ValueError(f"config.study.stage1_fraction must be in (0, 1) (share of a two-stage row's "
-                     f"budget spent on the VAE alone), got {st.stage1_fraction}.")
 
 
 def validate_config(config) -> None:

@@ -1,5 +1,6 @@
-"""study.workers > 1: the row-seeds run in spawned worker processes, each taking the next
-unit when it is free (row-seeds that share a stage-1 VAE form one unit, run in order).
+"""study.workers > 1: the jobs of a phase (__init__.py) run in spawned worker processes, each
+taking the next unit when it is free. A unit is one job: the stage-1 VAEs are trained in the
+phase before the rows that freeze them, so no two workers ever train or wait on the same VAE.
 
 Each worker's XLA_FLAGS get config.study.worker_xla_flags (default: single-threaded XLA CPU,
 so N workers on N cores do not fight over each other's thread pools). SIGINT / SIGTERM to the
@@ -24,18 +25,9 @@ from simflow_jax.errors import Interrupted
 
 
 def units_of(jobs: list, todo: list) -> list:
-  """The job indices of `todo`, grouped so that row-seeds sharing a stage-1 VAE run one after
-  another in one worker (the first trains the VAE, the others reuse it); plan order."""
-  units, shared = [], {}
-  for i in todo:
-    key = jobs[i]["stage1"] and jobs[i]["stage1"]["dir"]
-    if key and key in shared:
-      shared[key].append(i)
-      continue
-    units.append([i])
-    if key:
-      shared[key] = units[-1]
-  return units
+  """The units of `todo` (job indices), in the order given: one job each."""
+  del jobs
+  return [[i] for i in todo]
 
 
 def _worker(config, workdir, cache, parent_pid, tasks, results) -> None:
