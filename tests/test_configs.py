@@ -3,7 +3,6 @@ presets set what they declare; every value validate_config refuses is a clear er
 import glob
 import importlib
 import os
-import re
 
 import jax
 import numpy as np

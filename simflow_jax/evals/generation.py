@@ -24,8 +24,8 @@ def feature_evaluator(entry, ctx: context.Context):
   config = ctx.config
   if entry.metrics == "inception":
     if not config.eval.inception_weights:
-      raise ValueError(f"an evaluator with metrics='inception' needs "
-                       f"--config.eval.inception_weights=/path/to/inception_fid.msgpack.")
+      raise ValueError("an evaluator with metrics='inception' needs "
+                       "--config.eval.inception_weights=/path/to/inception_fid.msgpack.")
     return evaluators.InceptionEvaluator(config, mesh=ctx.mesh)
   if entry.metrics == "digits":
     return evaluators.DigitEvaluator(evaluators.classifier_dir(config, ctx.workdir),
