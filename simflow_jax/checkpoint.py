@@ -152,7 +152,10 @@ def latest_step(workdir: str, config) -> int:
 def load_params(workdir: str, config, use_ema: Optional[bool] = None) -> dict:
   """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint on this
   process's first device, whatever device count wrote it: the EMA ones when `use_ema`
-  (None: config.sample.use_ema), else the raw ones. Clear errors when there is none."""
+  (None: config.sample.use_ema), else the raw ones. Clear errors when there is none.
+  It reads the whole saved state: the inference commands use restore_generator_params (the
+  generator alone, sharded by the mesh rules); this serves the trainer's VAE warm start, the
+  notebook, the benchmarks and tests that want one device's copy."""
   use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
   path = epath.Path(workdir) / "checkpoints"
   if not path.exists():

@@ -105,24 +105,20 @@ def _settings(config, step: int) -> dict:
 
 def _finished(out: epath.Path, settings: dict, evaluators: dict) -> dict:
   """NAME -> result of the evaluators partial.json holds for these settings and entries.
-  Process 0 reads it and tells the others which, so every process skips the same ones."""
-  kept = {}
+  Process 0 decides which and tells the others, so every process skips the same ones (each
+  reads the results from the file, which process 0 wrote before it stopped)."""
   path = out / PARTIAL_NAME
-  if jax.process_index() == 0 and path.exists():
-    try:
-      partial = json.loads(path.read_text())
-    except ValueError:
-      partial = {}
-    if partial.get("settings") == settings:
-      kept = {name: done["result"] for name, done in partial.get("done", {}).items()
-              if name in evaluators and done.get("entry") == _jsonable(evaluators[name].entry.to_dict())}
+  try:
+    partial = json.loads(path.read_text()) if path.exists() else {}
+  except ValueError:  # cut short by hand: nothing to resume
+    partial = {}
+  done = partial.get("done", {}) if partial.get("settings") == settings else {}
   names = sorted(evaluators)
-  flags = np.asarray([name in kept for name in names], np.int32)
-  flags = multihost_utils.broadcast_one_to_all(flags) if jax.process_count() > 1 else flags
-  if jax.process_count() > 1 and jax.process_index() != 0:  # the results from process 0's file
-    kept = json.loads(path.read_text())["done"] if flags.any() else {}
-    kept = {n: kept[n]["result"] for n, f in zip(names, flags) if f}
-  return {n: kept[n] for n, f in zip(names, flags) if f}
+  flags = np.asarray([n in done and done[n].get("entry") == _jsonable(evaluators[n].entry.to_dict())
+                      for n in names], np.int32)
+  if jax.process_count() > 1:
+    flags = multihost_utils.broadcast_one_to_all(flags)
+  return {n: done[n]["result"] for n, f in zip(names, flags) if f}
 
 
 def _write_partial(out: epath.Path, settings: dict, evaluators: dict, report: dict) -> None:
