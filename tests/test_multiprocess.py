@@ -68,6 +68,18 @@ def test_host_slices_concatenate_to_the_global_batch(hosts):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
 
 
+@pytest.mark.parametrize("hosts,num_examples", [(2, 20), (4, 8)])
+def test_host_eval_slices_concatenate_to_the_global_batch(hosts, num_examples):
+  cfg = _data_cfg()
+  one = list(pipeline.make_eval_loader(cfg, "validation", 8, num_examples=num_examples))
+  many = [list(pipeline.make_eval_loader(cfg, "validation", 8, h, hosts, num_examples))
+          for h in range(hosts)]
+  assert {len(m) for m in many} == {len(one)}
+  for k, expected in enumerate(one):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(np.concatenate([m[k][key] for m in many]), expected[key])
+
+
 def test_data_position_moves_to_another_host_count():
   cfg = _data_cfg()
   two = [pipeline.make_train_loader(cfg, seed=1, process_index=h, process_count=2) for h in range(2)]

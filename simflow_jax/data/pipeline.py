@@ -19,9 +19,11 @@ host-local examples; `rescale_train_state` converts a state saved with another
 host count (worker_count 0 only).
 
 Eval (`make_eval_loader`): one pass over (the first `num_examples` of) a split,
-no shuffle, no flip; the host shard is padded to whole batches with zero images
-and `mask=False`, and every host yields the same number of batches, so summing
-masked values over all hosts counts every example exactly once.
+no shuffle, no flip; global batch k holds examples [k B, (k + 1) B) (zero images
+with `mask=False` past the end), host h loads its slice of each as in training, and
+every host yields the same number of batches, so summing masked values over all
+hosts counts every example exactly once, and any host count evaluates the same
+global batches (per-batch noise keyed by the batch index agrees).
 
 Batches are dicts of numpy arrays:
   image (B_host, H, W, C) float32 in [-1, 1], label (B_host,) int32
@@ -131,7 +133,7 @@ class _ToFloat(grain.transforms.Map):
 class _PaddedShard:
   """One host's eval shard padded to `length` records; padding has a zero image and mask=False."""
 
-  def __init__(self, source, indices: range, length: int, image_shape: tuple[int, int, int]):
+  def __init__(self, source, indices, length: int, image_shape: tuple[int, int, int]):
     self.source = source
     self.indices = indices
     self.length = length
@@ -187,9 +189,13 @@ def make_eval_loader(data_cfg, split: str, batch_size: int, process_index: int =
   if not 0 < total <= len(source):
     raise ValueError(f"Cannot evaluate {total} examples: split {split!r} of data.source="
                      f"{data_cfg.source!r} has {len(source)}.")
-  per_host = math.ceil(total / process_count)
-  length = math.ceil(per_host / batch) * batch  # the same on every host
+  num_batches = math.ceil(total / batch_size)  # the same on every host
+  # Host h loads rows [h b, (h + 1) b) of every global batch k (examples k B + h b ...), as in
+  # training: any host count forms the same global batches in the same order.
+  lo = process_index * batch
+  indices = [i for k in range(num_batches) for i in range(k * batch_size + lo, k * batch_size + lo + batch)
+             if i < total]  # padding only in the last global batch: after this host's examples
   shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
-  shard = _PaddedShard(source, range(process_index, total, process_count), length, shape)
+  shard = _PaddedShard(source, indices, num_batches * batch, shape)
   ds = grain.MapDataset.source(shard).map(_CropResize(data_cfg.image_size, data_cfg.channels))
   return _finish(ds, batch, drop_remainder=False, worker_count=data_cfg.worker_count)
