@@ -3,7 +3,7 @@
 
 The default run starts one pair of runs (module fixture `runs`): 2 x 4 trains 4 steps with
 checkpoints, then samples, measures the likelihood and evaluates in the same workdir; 1 x 8
-trains its own run, and runs the same three commands on a copy of the 2-process checkpoint.
+trains its own run, and samples and evaluates a copy of the 2-process checkpoint.
 Resuming, SIGTERM and a killed process are marked slow.
 
 Tolerances. Training: the two runs see the same global batches in the same order and the same
@@ -100,8 +100,9 @@ def test_data_position_moves_to_another_host_count():
 # ------------------------------------------------------------------------------------------
 # One pair of runs for the default CI run: the tiny config trained by 2 x 4 (checkpoints at
 # steps 2 and 4), then --mode=sample, likelihood and evaluate in the same workdir by 2 x 4; the
-# 1 x 8 baseline trains its own run (for the losses) and runs the three commands on a copy of
-# the 2-process checkpoint (so that they read the same parameters: the samples compare exactly).
+# 1 x 8 baseline trains its own run (for the losses) and samples and evaluates a copy of the
+# 2-process checkpoint (the same parameters: the samples compare exactly; the evaluate report's
+# likelihood entry is the baseline of likelihood.json).
 # ------------------------------------------------------------------------------------------
 # The smallest settings of every command: a 12-sample export in shards of 8 (the last shard
 # shorter than the batch), and every evaluator on 8 eval examples or images.
