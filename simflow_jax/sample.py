@@ -2,7 +2,7 @@
 
 Pure, batch-polymorphic functions (no mesh, no checkpoints, no files); the inverse and
 the guidance rules are models/inverse.py and models/guidance.py, and the
-`main.py --mode=sample` export command built on this is simflow_jax/export.py.
+`main.py --mode=sample` export command built on this is simflow_jax/commands/sample.py.
 
 `sample_cfg` is `config.sample` (configs/base.py): temperature, guidance and its rule,
 schedule and blocks, and the inverse (cached | jacobi | selective) with its Jacobi chunk,
