@@ -2,9 +2,9 @@
 (tests/multiprocess.py) against 1 process x 8 devices, with configs/tiny.py at its smallest.
 
 The default run starts one pair of runs (module fixture `runs`): 2 x 4 trains 4 steps with
-checkpoints, then samples, measures the likelihood and evaluates in the same workdir; 1 x 8
-trains its own run, and samples and evaluates a copy of the 2-process checkpoint.
-Resuming, SIGTERM and a killed process are marked slow.
+checkpoints, then samples and measures the likelihood in the same workdir; 1 x 8 trains its own
+run, and samples and measures the likelihood on a copy of the 2-process checkpoint. Every
+evaluator (--mode=evaluate), resuming, SIGTERM and a killed process are marked slow.
 
 Tolerances. Training: the two runs see the same global batches in the same order and the same
 initial state, so they compute the same sums; only the order of the cross-device reductions
@@ -134,10 +134,18 @@ def runs(tmp_path_factory):
   one, two, one_on_two = str(root / "one"), str(root / "two"), str(root / "one_on_two")
   multiprocess.run_main(SMALL + [f"--workdir={two}"], processes=2)
   shutil.copytree(two, one_on_two)
-  _commands(two, 2, ("sample", "likelihood", "evaluate"))
+  _commands(two, 2, ("sample", "likelihood"))
   multiprocess.run_main(SMALL + [f"--workdir={one}"], processes=1)
-  _commands(one_on_two, 1, ("sample", "evaluate"))
+  _commands(one_on_two, 1, ("sample", "likelihood"))
   return {"one": one, "two": two, "one_on_two": one_on_two, "root": root}
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs):
+  """--mode=evaluate (every evaluator) by 2 x 4 and by 1 x 8 on the same checkpoint."""
+  _commands(runs["two"], 2, ("evaluate",))
+  _commands(runs["one_on_two"], 1, ("evaluate",))
+  return runs
 
 
 def test_two_processes_train_like_one(runs):
@@ -199,15 +207,20 @@ def _json(workdir, name):
     return json.load(f)
 
 
-def test_two_processes_evaluate_like_one(runs):
+def test_two_processes_measure_the_likelihood_like_one(runs):
+  two, one = _json(runs["two"], "likelihood.json"), _json(runs["one_on_two"], "likelihood.json")
+  assert two.keys() == {"likelihood", "notes"}
+  assert two["likelihood"]["num_examples"] == 8
+  _close(one, two, "likelihood.json")
+
+
+@pytest.mark.slow  # two more launches that run every evaluator
+def test_two_processes_evaluate_like_one(evaluated):
   report = os.path.join("eval", "report.json")
-  two, one = _json(runs["two"], report), _json(runs["one_on_two"], report)
+  two, one = _json(evaluated["two"], report), _json(evaluated["one_on_two"], report)
   assert {"generation", "reconstruction", "likelihood"} <= two.keys()
   _close(one, two, "report")
   assert two["likelihood"]["num_examples"] == 8
-  likelihood = _json(runs["two"], "likelihood.json")
-  assert likelihood.keys() == {"likelihood", "notes"}
-  _close(one["likelihood"], likelihood["likelihood"], "likelihood.json")
 
 
 # ------------------------------------------------------------------------------------------
