@@ -149,6 +149,23 @@ def latest_step(workdir: str, config) -> int:
   return int(step)
 
 
+def _open_finished(workdir: str, config, step: Optional[int] = None):
+  """A read-only Checkpointer of WORKDIR and its latest (or `step`'s) checkpoint, whose
+  metadata fits the config; clear errors when there is none."""
+  path = epath.Path(workdir) / "checkpoints"
+  if not path.exists():
+    raise FileNotFoundError(f"No checkpoints in {path}: train first with "
+                            f"`python main.py --config=... --workdir={workdir}`, or pass the "
+                            "--workdir of a finished run.")
+  ckpt = Checkpointer(workdir, config, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    ckpt.close()
+    raise FileNotFoundError(f"{path} holds no finished checkpoint.")
+  ckpt._check_meta(step)
+  return ckpt, step
+
+
 def load_params(workdir: str, config, use_ema: Optional[bool] = None) -> dict:
   """Generator parameters {'vae', 'flow'[, 'repa_proj']} of the latest checkpoint on this
   process's first device, whatever device count wrote it: the EMA ones when `use_ema`
@@ -158,15 +175,7 @@ def load_params(workdir: str, config, use_ema: Optional[bool] = None) -> dict:
   notebook, the benchmarks and tests that want one device's copy."""
   use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
   path = epath.Path(workdir) / "checkpoints"
-  if not path.exists():
-    raise FileNotFoundError(f"No checkpoints in {path}: train first with "
-                            f"`python main.py --config=... --workdir={workdir}`, or pass the "
-                            "--workdir of a finished run.")
-  ckpt = Checkpointer(workdir, config, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{path} holds no finished checkpoint.")
-  ckpt._check_meta(step)
+  ckpt, step = _open_finished(workdir, config)
   try:
     # Restored onto this process's first device whatever mesh wrote it (a run trained on 8
     # devices is evaluated or sampled on 1): a target tree of the saved shapes and dtypes.
@@ -198,16 +207,8 @@ def restore_generator_params(workdir: str, config, mesh, use_ema: bool = True,
   wrote the checkpoint. Clear errors when there is none or it does not fit the config."""
   from simflow_jax import sharding  # local: checkpoint.py is imported by sharding's users
   path = epath.Path(workdir) / "checkpoints"
-  if not path.exists():
-    raise FileNotFoundError(f"No checkpoints in {path}: train first with "
-                            f"`python main.py --config=... --workdir={workdir}`, or pass the "
-                            "--workdir of a finished run.")
-  ckpt = Checkpointer(workdir, config, read_only=True)
-  step = ckpt.latest_step() if step is None else step
+  ckpt, step = _open_finished(workdir, config, step)
   ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f"{path} holds no finished checkpoint.")
-  ckpt._check_meta(step)
   models = build.build_models(config)
   abstract = jax.eval_shape(lambda r: build.init_params(models, r), jax.random.key(0))
   abstract = {k: v for k, v in abstract.items() if k != "disc"}
