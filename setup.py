@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": [
         "pytest>=8",
-        "pytest-xdist>=3.5",
+        "pytest-xdist>=3.8",  # --no-loadscope-reorder (pytest.ini)
         "filelock>=3.12",     # the xdist workers build the shared tiny run once (tests/conftest.py)
         "nbclient>=0.10",
         "nbformat>=5.9",

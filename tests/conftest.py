@@ -64,6 +64,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
+# The files whose module fixtures take longest, longest first: with --dist loadfile and
+# --no-loadscope-reorder (pytest.ini) the workers take files in this order, so the long ones
+# start at once and the short files fill in around them (longest first, not by test count).
+FIRST = ("test_study.py", "test_sample_cli.py", "test_multiprocess.py", "test_evaluate.py",
+         "test_dry_run.py", "test_flow.py", "test_sample.py", "test_train.py", "test_train_step.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: keeps the rest in order
+
+
 def pytest_unconfigure(config):
   del config
   if _MADE_CACHE is not None:  # made by this process (the controller, or a lone run)

@@ -20,9 +20,11 @@ def test_all_config_files_are_found():
   assert {"demo", "tiny", "imagenet256", "imagenet256_repae"} <= set(NAMES)
 
 
-# configs/study_digits.py's argument names study rows, not a variant (tested below).
-CASES = [(name, variant) for name in NAMES
-         for variant in ("", "learned_variance", "noise_augmented", "frozen_encoder")
+# configs/study_digits.py's argument names study rows, not a variant (tested below). Every
+# config plain; the variants on tiny and at paper scale (imagenet256), the rest slow.
+CASES = [(name, variant) if not variant or name in ("tiny", "imagenet256")
+         else pytest.param(name, variant, marks=pytest.mark.slow)
+         for name in NAMES for variant in ("", "learned_variance", "noise_augmented", "frozen_encoder")
          if name != "study_digits" or not variant]
 
 

@@ -2,9 +2,9 @@
 (tests/multiprocess.py) against 1 process x 8 devices, with configs/tiny.py at its smallest.
 
 The default run starts one pair of runs (module fixture `runs`): 2 x 4 trains 4 steps with
-checkpoints, then samples and measures the likelihood in the same workdir; 1 x 8 trains its own
-run, and samples and measures the likelihood on a copy of the 2-process checkpoint. Every
-evaluator (--mode=evaluate), resuming, SIGTERM and a killed process are marked slow.
+checkpoints, then samples in the same workdir; 1 x 8 trains its own run, and samples a copy of
+the 2-process checkpoint. The likelihood (--mode=likelihood), every evaluator (--mode=evaluate),
+resuming, SIGTERM and a killed process are marked slow.
 
 Tolerances. Training: the two runs see the same global batches in the same order and the same
 initial state, so they compute the same sums; only the order of the cross-device reductions
@@ -99,10 +99,9 @@ def test_data_position_moves_to_another_host_count():
 
 # ------------------------------------------------------------------------------------------
 # One pair of runs for the default CI run: the tiny config trained by 2 x 4 (checkpoints at
-# steps 2 and 4), then --mode=sample, likelihood and evaluate in the same workdir by 2 x 4; the
-# 1 x 8 baseline trains its own run (for the losses) and samples and evaluates a copy of the
-# 2-process checkpoint (the same parameters: the samples compare exactly; the evaluate report's
-# likelihood entry is the baseline of likelihood.json).
+# steps 2 and 4), then --mode=sample (slow: likelihood, evaluate) in the same workdir by 2 x 4;
+# the 1 x 8 baseline trains its own run (for the losses) and samples (slow: measures, evaluates)
+# a copy of the 2-process checkpoint (the same parameters: the samples compare exactly).
 # ------------------------------------------------------------------------------------------
 # The smallest settings of every command: a 12-sample export in shards of 8 (the last shard
 # shorter than the batch), and every evaluator on 8 eval examples or images.
@@ -125,19 +124,26 @@ def _commands(workdir, processes, modes):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Workdirs: 'two' (trained, sampled, likelihood and evaluated by 2 x 4), 'one' (trained by
-  1 x 8), 'one_on_two' (sampled and evaluated by 1 x 8 on 'two's checkpoints; the evaluate
-  report holds the likelihood evaluator too, the baseline of likelihood.json). One distributed
+  """Workdirs: 'two' (trained and sampled by 2 x 4), 'one' (trained by 1 x 8), 'one_on_two'
+  (sampled by 1 x 8 on 'two's checkpoints). One distributed
   run at a time: the processes of a run must reach each collective within gloo's 30 s of each
   other."""
   root = tmp_path_factory.mktemp("multiprocess")
   one, two, one_on_two = str(root / "one"), str(root / "two"), str(root / "one_on_two")
   multiprocess.run_main(SMALL + [f"--workdir={two}"], processes=2)
   shutil.copytree(two, one_on_two)
-  _commands(two, 2, ("sample", "likelihood"))
+  _commands(two, 2, ("sample",))
   multiprocess.run_main(SMALL + [f"--workdir={one}"], processes=1)
-  _commands(one_on_two, 1, ("sample", "likelihood"))
+  _commands(one_on_two, 1, ("sample",))
   return {"one": one, "two": two, "one_on_two": one_on_two, "root": root}
+
+
+@pytest.fixture(scope="module")
+def measured(runs):
+  """--mode=likelihood by 2 x 4 and by 1 x 8 on the same checkpoint."""
+  _commands(runs["two"], 2, ("likelihood",))
+  _commands(runs["one_on_two"], 1, ("likelihood",))
+  return runs
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +213,9 @@ def _json(workdir, name):
     return json.load(f)
 
 
-def test_two_processes_measure_the_likelihood_like_one(runs):
-  two, one = _json(runs["two"], "likelihood.json"), _json(runs["one_on_two"], "likelihood.json")
+@pytest.mark.slow  # two more launches; the sharded restore and batch split are those of sample
+def test_two_processes_measure_the_likelihood_like_one(measured):
+  two, one = _json(measured["two"], "likelihood.json"), _json(measured["one_on_two"], "likelihood.json")
   assert two.keys() == {"likelihood", "notes"}
   assert two["likelihood"]["num_examples"] == 8
   _close(one, two, "likelihood.json")

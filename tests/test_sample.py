@@ -140,7 +140,9 @@ def flow_case():
 
 
 @pytest.mark.parametrize("rule,schedule", [
-    (None, "constant"), ("linear", "constant"), ("linear_shift", "anneal"), ("gaussian", "anneal")])
+    (None, "constant"), ("gaussian", "anneal"),
+    pytest.param("linear", "constant", marks=pytest.mark.slow),
+    pytest.param("linear_shift", "anneal", marks=pytest.mark.slow)])
 def test_cached_dense_jacobi_and_selective_agree(flow_case, rule, schedule):
   flow, params, z, y, exact = flow_case
   guides = None if rule is None else G.block_guides(flow, 1.5, rule, schedule)
@@ -171,7 +173,7 @@ def test_window_bounds():
     I.window_bounds(12, 0)
 
 
-@pytest.mark.parametrize("shift_side", ["input", "output"])
+@pytest.mark.parametrize("shift_side", ["output", pytest.param("input", marks=pytest.mark.slow)])
 def test_cached_inverse_is_the_same_for_any_number_of_cache_windows(shift_side):
   """A token reads the finished prefix and its own window: any split of the token loop
   (one window, uneven windows, one per token) gives the dense inverse, guided or not."""
@@ -188,6 +190,7 @@ def test_cached_inverse_is_the_same_for_any_number_of_cache_windows(shift_side):
       np.testing.assert_allclose(x, exact, atol=1e-5, err_msg=f"{windows} windows, guided={g is not None}")
 
 
+@pytest.mark.slow  # four compiles of a 64-token sampler at batch 256
 def test_sampler_holds_one_block_cache_at_a_time():
   """XLA's buffers for the whole four-block inverse are about those of one block: each
   block's KV cache reuses the memory of the one before (without the ordering every cache
@@ -207,6 +210,7 @@ def test_sampler_holds_one_block_cache_at_a_time():
     assert four < one + 0.5 * cache_mb, (method, one, four)
 
 
+@pytest.mark.slow  # test_flow.py inverts TarFlow's options by every method, unguided
 def test_tarflow_options_every_inverse_agrees():
   """TarFlow's options (output-side shift, no final LayerNorm, exact GELU, LayerNorm eps
   1e-5, mean null class, learned prior std; docs/flow.md): the inverters stay exact,
@@ -293,6 +297,7 @@ def trained_flow():
   return flow, params
 
 
+@pytest.mark.slow  # trains a flow (150 Adam steps) first; exactness at threshold 0 is tested above
 def test_selective_matches_sequential_to_its_threshold_on_a_trained_flow(trained_flow):
   flow, params = trained_flow
   z = jax.random.normal(jax.random.key(5), (4, T, D))

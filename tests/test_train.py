@@ -59,39 +59,40 @@ def test_eight_devices_equal_one_device():
   assert max(moved) > 1e-4, "the step must move parameters well beyond the tolerance"
 
 
-def test_smoke_run_resume_equality_and_grid(tmp_path):
+def test_smoke_run_resume_equality_and_grid(tmp_path, tiny_trained):
+  """The session's tiny run (conftest: 4 steps, logged and saved every 2) resumed from its
+  step-2 checkpoint after a "kill" that tore metrics.jsonl: the replayed step's row replaces
+  the logged one and equals the uninterrupted run's."""
   config = tiny.get_config()
-  with config.unlocked():
-    config.train.log_every = 1
-  full = str(tmp_path / "full")
-  out = train.run(config, full)
-  assert os.path.exists(out["grid_path"]) and out["grid_path"].endswith(".png")
+  full = tiny_trained
+  assert config.train.log_every == config.train.ckpt_every == 2 and config.train.num_steps == 4
+  assert os.path.exists(os.path.join(full, "samples", "grid_00000004.png"))
   assert checkpoint.Checkpointer(full, config).latest_step() == 4
   assert os.path.exists(os.path.join(full, "config.json"))
   rows_full = _rows(full)
-  assert sorted(rows_full) == [1, 2, 3, 4]
+  assert sorted(rows_full) == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in rows_full.values())
 
-  # A run "preempted" after step 2: only the step-2 checkpoint survives.
+  # A run "preempted" after step 3: only the step-2 checkpoint survives.
   resumed = str(tmp_path / "resumed")
   os.makedirs(os.path.join(resumed, "checkpoints"))
   shutil.copytree(os.path.join(full, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2"))
-  with open(os.path.join(full, "metrics.jsonl")) as f:  # rows 1-4 logged before the "kill"
+  with open(os.path.join(full, "metrics.jsonl")) as f:  # rows 2 and 4 logged before the "kill"
     logged = [json.loads(line) for line in f]
-  logged[2]["loss"] = -1.0  # marks the row of step 3 logged before the kill
+  logged[1]["loss"] = -1.0  # marks the row of step 4 logged before the kill
   with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in logged[:3]) + json.dumps(logged[3])[:20])  # torn
-  train.run(config, resumed)
+    f.write("".join(json.dumps(r) + "\n" for r in logged) + json.dumps(logged[1])[:20])  # torn
+  out = train.run(config, resumed)
+  assert os.path.exists(out["grid_path"]) and out["grid_path"].endswith(".png")
   with open(os.path.join(resumed, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
-  assert steps == [1, 2, 3, 4], "one row per step: the replayed steps 3 and 4 replace their rows"
-  rows_res = _rows(resumed)  # step 3's row is the resumed run's (checked below), not the marked one
-  for step in (3, 4):
-    for key in ("loss", "loss_nf", "loss_l1", "bits_per_dim", "grad_norm_flow"):
-      assert rows_res[step][key] == rows_full[step][key], (step, key)
+  assert steps == [2, 4], "one row per step: the replayed step 4 replaces its row"
+  rows_res = _rows(resumed)  # step 4's row is the resumed run's (checked below), not the marked one
+  for key in ("loss", "loss_nf", "loss_l1", "bits_per_dim", "grad_norm_flow"):
+    assert rows_res[4][key] == rows_full[4][key], key
 
   # Sampling parameters load from the finished run (EMA by default).
-  params = checkpoint.load_params(full, config)
+  params = checkpoint.load_params(resumed, config)
   assert set(params) == {"vae", "flow"}
 
 

@@ -68,8 +68,8 @@ def test_every_study_row_freezes_a_tested_set():
     assert tiny.get_config(name).train.freeze in TRAINS
 
 
-@pytest.mark.parametrize("preset", ["frozen_vae_learned", "frozen_encoder_noise", "simflow",
-                                    "vae_fixed_ln"])
+@pytest.mark.parametrize("preset", [  # freeze = vae, encoder, flow; none (everything trains) is slow
+    "frozen_vae_learned", "frozen_encoder_noise", "vae_fixed_ln", pytest.param("simflow", marks=pytest.mark.slow)])
 def test_row_configs_freeze_exactly_what_they_say(preset):
   """Gradients of frozen parameters are zero and others non-zero; the optimiser leaves the
   frozen ones unchanged."""
@@ -152,14 +152,22 @@ def test_noise_augmented_changes_flow_input():
   assert float(m_plain["bits_per_dim"]) != float(m_aug["bits_per_dim"])
 
 
+ONLY_REPA = dict(w_l1=0.0, w_kl=0.0, w_nf=0.0)
+
+
 def test_repa_gradients_reach_flow_projector_and_encoder():
-  """Both weights on: every side gets gradient; each weight alone moves only its side, and
-  the encoder's gradient scales with w_vae alone (three compiles)."""
-  only_repa = dict(w_l1=0.0, w_kl=0.0, w_nf=0.0)
-  norms, metrics = _grad_norms(*_setup(repa=(0.5, 1.5), **only_repa))
+  """Both weights on: every side gets gradient, the decoder none."""
+  norms, metrics = _grad_norms(*_setup(repa=(0.5, 1.5), **ONLY_REPA))
   assert norms["flow"] > 0 and norms["repa_proj"] > 0 and norms["encoder"] > 0
   assert norms["decoder"] == 0.0
   assert -1.0 <= float(metrics["repa_cos"]) <= 1.0
+
+
+@pytest.mark.slow  # three grad compiles
+def test_each_repa_weight_moves_only_its_side():
+  """Each weight alone moves only its side, and the encoder's gradient scales with w_vae alone."""
+  only_repa = ONLY_REPA
+  norms, _ = _grad_norms(*_setup(repa=(0.5, 1.5), **only_repa))
   # w_vae = 0: the encoder gets no alignment gradient, the flow still does.
   norms0, _ = _grad_norms(*_setup(repa=(0.5, 0.0), **only_repa))
   assert norms0["encoder"] < 1e-7 * max(norms["encoder"], 1.0) and norms0["flow"] > 0
