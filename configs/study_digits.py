@@ -21,7 +21,7 @@ Budget (study.workers=2; a demo-size step runs at about 3-4 steps/s over both co
   ~2,250 step-equivalents). 26,250 / 3.5 per s = 2.1 h (2.4 h at 3 per s).
   Evaluation: 23 jobs x ~60 s (2 x 500 samples, 500 eval digits) / 2 workers ~ 0.2 h; compiles
   23 x ~40 s / 2 ~ 0.13 h (fewer with the compilation cache); classifier and floors ~1 min.
-  Total ~2.4-2.75 h (target <= 3 h).
+  Total ~2.4-2.75 h (target <= 3 h); measured: 2 h 31 min (docs/study.md).
   study.quick=True: 3 rows (frozen_vae_fixed, end_to_end_noise, simflow) x 2 seeds x 250 steps
   + 1 stage-1 VAE x 250 = ~1,625 step-equivalents / 3.5 = 8 min, + 7 evaluations (300 samples)
   and compiles ~5 min: ~13 min (target <= 15 min). Its flows are too short to reach the pilot's
