@@ -24,7 +24,8 @@ Budget (study.workers=2; a demo-size step runs at about 3-4 steps/s over both co
   Total ~2.4-2.75 h (target <= 3 h); measured: 2 h 31 min (docs/study.md).
   study.quick=True: 3 rows (frozen_vae_fixed, end_to_end_noise, simflow) x 2 seeds x 250 steps
   + 1 stage-1 VAE x 250 = ~1,625 step-equivalents / 3.5 = 8 min, + 7 evaluations (300 samples)
-  and compiles ~5 min: ~13 min (target <= 15 min). Its flows are too short to reach the pilot's
+  and compiles ~5 min: ~13 min (target <= 15 min); measured: 19 min 15 s, its first 11 minutes
+  beside another study's last job (docs/study.md): over the target, to be cut. Its flows are too short to reach the pilot's
   target, so quick's pilot only prints its line (study.quick_pilot_min_class_acc = 0).
 """
 import ml_collections
