@@ -233,12 +233,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   st.quick = False             # a short version: steps, stage1_steps, seeds, num_eval_examples, the
                                # generation evaluators' num_samples and empty rows become the
                                # quick_* below (the study logs each value it replaces)
-  st.quick_steps = 250
-  st.quick_stage1_steps = 250
+  st.quick_steps = 100
+  st.quick_stage1_steps = 100
   st.quick_pilot_min_class_acc = 0.0  # the quick flows are too short to be judged: the line only
   st.quick_seeds = (0, 1)
   st.quick_num_eval_examples = 300
-  st.quick_num_samples = 300
+  st.quick_num_samples = 200
   st.quick_rows = ("frozen_vae_fixed", "end_to_end_noise", "simflow")
   st.workers = 1               # processes running row-seeds at once (each its own jax runtime)
   # Added to each worker's XLA_FLAGS (workers > 1): one XLA CPU thread per worker, so workers on

@@ -22,11 +22,11 @@ Budget (study.workers=2; a demo-size step runs at about 3-4 steps/s over both co
   Evaluation: 23 jobs x ~60 s (2 x 500 samples, 500 eval digits) / 2 workers ~ 0.2 h; compiles
   23 x ~40 s / 2 ~ 0.13 h (fewer with the compilation cache); classifier and floors ~1 min.
   Total ~2.4-2.75 h (target <= 3 h); measured: 2 h 31 min (docs/study.md).
-  study.quick=True: 3 rows (frozen_vae_fixed, end_to_end_noise, simflow) x 2 seeds x 250 steps
-  + 1 stage-1 VAE x 250 = ~1,625 step-equivalents / 3.5 = 8 min, + 7 evaluations (300 samples)
-  and compiles ~5 min: ~13 min (target <= 15 min); measured: 19 min 15 s, its first 11 minutes
-  beside another study's last job (docs/study.md): over the target, to be cut. Its flows are too short to reach the pilot's
-  target, so quick's pilot only prints its line (study.quick_pilot_min_class_acc = 0).
+  study.quick=True: 3 rows (frozen_vae_fixed, end_to_end_noise, simflow) x 2 seeds x 100 steps
+  + 1 stage-1 VAE x 100, 200 samples: compiling dominates (each kind's first job 3-5 min, a
+  second seed 1.5-2 min); measured: 13 min 28 s idle (target <= 15 min; docs/study.md). Its
+  flows are too short to reach the pilot's target, so quick's pilot only prints its line
+  (study.quick_pilot_min_class_acc = 0).
 """
 import ml_collections
 

@@ -67,6 +67,7 @@ def _run(tiny_trained, tmp_path) -> str:
   return workdir
 
 
+@pytest.mark.slow
 def test_each_command_validates_its_config_once(counted, tiny_trained, tmp_path, monkeypatch):
   config = tiny.get_config()
   with config.unlocked():

@@ -76,6 +76,7 @@ def test_flops_memory_timing_and_estimates(result):
     assert e["fits_in_hbm"] is True  # a tiny step
 
 
+@pytest.mark.slow
 def test_scanned_layers_are_counted_in_flops(result):
   """XLA counts a while loop's body once; one more layer per block must add its FLOPs."""
   config = tiny.get_config()
@@ -93,6 +94,7 @@ def test_scanned_layers_are_counted_in_flops(result):
   assert 1.0 <= extra / matmul_flops <= 1.2, (extra, matmul_flops)
 
 
+@pytest.mark.slow
 def test_simulated_devices_in_a_subprocess_with_fsdp(real_params):
   config = tiny.get_config()
   with config.unlocked():

@@ -56,6 +56,7 @@ def _png_size(path):
     return im.size
 
 
+@pytest.mark.slow
 def test_digits_report(trained, tmp_path):
   """The default evaluators of configs/base.py on 40 eval examples."""
   config = tiny.get_config()
@@ -227,13 +228,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     evaluate.run(tiny.get_config(), str(tmp_path / "never_trained"))
 
 
+@pytest.mark.slow
 def test_training_runs_the_evaluators_that_are_due(tmp_path):
   """A 4-step tiny run with a likelihood evaluator every 2 steps, another every 4 and a
   reconstruction one never (every_steps 0): their numbers are logged at those steps
   (eval/NAME/metric). (The generation evaluator's digit classifier, trained once and cached,
   is tests/test_digits.py's; the trainer calls every type the same way.)"""
   config = _declare(tiny.get_config(),
-                    bpd2=("likelihood", {"every_steps": 2, "num_examples": 16}),
+                    bpd2=("likelihood", {"every_steps": 2, "num_examples": 8}),
                     bpd4=("likelihood", {"every_steps": 4, "num_examples": 8}),
                     recon=("reconstruction", {}))  # every_steps 0: never in training
   workdir = str(tmp_path / "run")

@@ -99,6 +99,7 @@ def test_sampled_latents_depend_on_rng_and_mean_does_not(trained):
   assert float(jnp.min(jnp.abs(s1 - mu1))) > 1e-4
 
 
+@pytest.mark.slow
 def test_run_writes_json(trained):
   config, workdir, _, _ = trained
   report = likelihood_cmd.run(config, workdir)

@@ -129,7 +129,7 @@ def test_check_writable_dir(tmp_path):
       files.check_writable_dir(bad)
 
 
-@pytest.mark.parametrize("override", ["train.keep_ckpts=0", "train.ckpt_every=0"])
+@pytest.mark.parametrize("override", ["train.keep_ckpts=0", pytest.param("train.ckpt_every=0", marks=pytest.mark.slow)])
 def test_main_refuses_before_training(tmp_path, override):
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -1,10 +1,12 @@
 """Multi-process runs with real processes: 2 local processes x 4 CPU devices as one JAX system
 (tests/multiprocess.py) against 1 process x 8 devices, with configs/tiny.py at its smallest.
 
-The default run starts one pair of runs (module fixture `runs`): 2 x 4 trains 4 steps with
-checkpoints, then samples in the same workdir; 1 x 8 trains its own run, and samples a copy of
-the 2-process checkpoint. The likelihood (--mode=likelihood), every evaluator (--mode=evaluate),
-resuming, SIGTERM and a killed process are marked slow.
+The default run starts one 2-process run (module fixture `runs`): 2 x 4 trains 4 steps with
+checkpoints, then samples in the same workdir. Its 1 x 8 baselines run in the test process
+(8 simulated devices, the same XLA flags): the session's tiny run (conftest `tiny_trained`,
+the same config and data) and an export of a copy of the 2-process checkpoint. The likelihood
+(--mode=likelihood), every evaluator (--mode=evaluate), resuming, SIGTERM and a killed
+process are marked slow.
 
 Tolerances. Training: the two runs see the same global batches in the same order and the same
 initial state, so they compute the same sums; only the order of the cross-device reductions
@@ -21,6 +23,7 @@ at the same step with one checkpoint, and each exits 143 (launch/README.md, "Pre
 multi-host stops"). A killed process ends the others through the coordination service's
 heartbeat timeout (--heartbeat_timeout).
 """
+import ast
 import json
 import os
 import shutil
@@ -33,6 +36,7 @@ import pytest
 import multiprocess
 from configs import tiny
 from simflow_jax import checkpoint
+from simflow_jax.commands import sample as export
 from simflow_jax.data import pipeline
 
 TINY = ["--config=configs/tiny.py"]
@@ -98,10 +102,11 @@ def test_data_position_moves_to_another_host_count():
 
 
 # ------------------------------------------------------------------------------------------
-# One pair of runs for the default CI run: the tiny config trained by 2 x 4 (checkpoints at
-# steps 2 and 4), then --mode=sample (slow: likelihood, evaluate) in the same workdir by 2 x 4;
-# the 1 x 8 baseline trains its own run (for the losses) and samples (slow: measures, evaluates)
-# a copy of the 2-process checkpoint (the same parameters: the samples compare exactly).
+# One 2-process run for the default CI run: the tiny config trained by 2 x 4 (checkpoints at
+# steps 2 and 4), then --mode=sample (slow: likelihood, evaluate) in the same workdir by 2 x 4.
+# The 1 x 8 baselines: the session's tiny run trained in process (for the losses) and, in
+# process, an export (slow: measures, evaluates by 1 x 8 launches) of a copy of the 2-process
+# checkpoint (the same parameters: the samples compare exactly).
 # ------------------------------------------------------------------------------------------
 # The smallest settings of every command: a 12-sample export in shards of 8 (the last shard
 # shorter than the batch), and every evaluator on 8 eval examples or images.
@@ -117,25 +122,37 @@ SMALL = TINY + [
 ]
 
 
+def small_config():
+  """configs/tiny.py with SMALL's overrides, as main.py would read them."""
+  config = tiny.get_config()
+  for arg in SMALL[len(TINY):]:
+    key, value = arg.removeprefix("--config.").split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = ast.literal_eval(value)
+  return config
+
+
 def _commands(workdir, processes, modes):
   for mode in modes:
     multiprocess.run_main(SMALL + [f"--workdir={workdir}", f"--mode={mode}"], processes=processes)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Workdirs: 'two' (trained and sampled by 2 x 4), 'one' (trained by 1 x 8), 'one_on_two'
-  (sampled by 1 x 8 on 'two's checkpoints). One distributed
-  run at a time: the processes of a run must reach each collective within gloo's 30 s of each
-  other."""
+def runs(tmp_path_factory, tiny_trained):
+  """Workdirs: 'two' (trained and sampled by 2 x 4), 'one' (the session's tiny run, trained by
+  1 x 8 in process: read only), 'one_on_two' (sampled by 1 x 8 in process on 'two's
+  checkpoints). One distributed run at a time: the processes of a run must reach each
+  collective within gloo's 30 s of each other."""
   root = tmp_path_factory.mktemp("multiprocess")
-  one, two, one_on_two = str(root / "one"), str(root / "two"), str(root / "one_on_two")
+  two, one_on_two = str(root / "two"), str(root / "one_on_two")
   multiprocess.run_main(SMALL + [f"--workdir={two}"], processes=2)
   shutil.copytree(two, one_on_two)
   _commands(two, 2, ("sample",))
-  multiprocess.run_main(SMALL + [f"--workdir={one}"], processes=1)
-  _commands(one_on_two, 1, ("sample",))
-  return {"one": one, "two": two, "one_on_two": one_on_two, "root": root}
+  export.run(small_config(), one_on_two)
+  return {"one": tiny_trained, "two": two, "one_on_two": one_on_two, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def flow_case():
 
 
 @pytest.mark.parametrize("rule,schedule", [
-    (None, "constant"), ("gaussian", "anneal"),
+    (None, "constant"), pytest.param("gaussian", "anneal", marks=pytest.mark.slow),
     pytest.param("linear", "constant", marks=pytest.mark.slow),
     pytest.param("linear_shift", "anneal", marks=pytest.mark.slow)])
 def test_cached_dense_jacobi_and_selective_agree(flow_case, rule, schedule):
@@ -173,7 +173,7 @@ def test_window_bounds():
     I.window_bounds(12, 0)
 
 
-@pytest.mark.parametrize("shift_side", ["output", pytest.param("input", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shift_side", [pytest.param(s, marks=pytest.mark.slow) for s in ("output", "input")])
 def test_cached_inverse_is_the_same_for_any_number_of_cache_windows(shift_side):
   """A token reads the finished prefix and its own window: any split of the token loop
   (one window, uneven windows, one per token) gives the dense inverse, guided or not."""
@@ -339,6 +339,7 @@ def jitted_sample_tokens(models, cfg):
   return jax.jit(lambda p, y, r: S.sample_tokens(models, p, y, r, cfg))
 
 
+@pytest.mark.slow
 def test_guidance_zero_is_exactly_unguided_and_temperature_scales_noise(tiny_models):
   models, params = tiny_models
   y = jnp.array([0, 2], jnp.int32)

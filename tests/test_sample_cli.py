@@ -100,6 +100,7 @@ def test_shards_are_the_library_sampler(first):
     assert np.mean(got == ref) > 0.99
 
 
+@pytest.mark.slow
 def test_sampling_restores_the_generator_alone_sharded_by_the_mesh_rules(first, trained, tmp_path,
                                                                          monkeypatch):
   """mesh.fsdp=8 on the 8 devices: the command restores the EMA generator alone (no optimiser

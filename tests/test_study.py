@@ -34,6 +34,9 @@ def _config(rows=("frozen_vae_fixed", "simflow"), steps=4, workers=1, seeds=(0,)
   c = tiny.get_config()
   c.study.rows, c.study.seeds, c.study.steps, c.study.stage1_steps = rows, seeds, steps, 3
   c.study.workers = workers
+  # The workers' jax on one CPU device (the last XLA flag wins over conftest's 8): the study's
+  # jobs do not need a mesh, and one device compiles faster.
+  c.study.worker_xla_flags += " --xla_force_host_platform_device_count=1"
   c.study.num_eval_examples = 16
   c.study.pilot_min_class_acc = 0.0  # 4 steps learn no classes; the protocol tests set their own
   with c.unlocked():  # the evaluators of configs/study_digits.py, smaller

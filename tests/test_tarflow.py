@@ -85,7 +85,8 @@ def _labels(sd, null: bool):
 
 
 # An unconditional flow has no null class: that pairing is not generated.
-@pytest.mark.parametrize("case,null", [(NCLS, False), (NCLS, True), (0, False)], indirect=["case"],
+@pytest.mark.parametrize("case,null", [(NCLS, False), (NCLS, True),
+                                       pytest.param(0, False, marks=pytest.mark.slow)], indirect=["case"],
                          ids=["conditional-labels", "conditional-null_class", "unconditional"])
 def test_forward_and_inverse_match_reference(case, compiled, null):
   sd, _, params, _ = case

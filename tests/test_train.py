@@ -31,11 +31,13 @@ def _one_step(config, devices, state0, batch_np):
     return jax.device_get(new_state), jax.device_get(metrics)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("w_gan", [0.0, pytest.param(0.1, marks=pytest.mark.slow)],
+                         ids=["generator", "with_discriminator"])
+def test_eight_devices_equal_one_device(w_gan):
   assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
   config = tiny.get_config()
   with config.unlocked():
-    config.loss.w_gan = 0.1  # exercise the discriminator update too
+    config.loss.w_gan = w_gan  # > 0: the discriminator's update too
     config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 256  # and FSDP-sharded parameters
     config.optim.warmup_steps = 0  # a non-zero learning rate at step 0
     config.optim.lr_vae = config.optim.lr_flow = config.optim.lr_disc = 1e-3

@@ -130,6 +130,7 @@ def test_from_config():
   assert recon.shape == images.shape and post.mu.shape == (2, 8, 8, cfg.z_channels)
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_reconstruction_l1(tiny):
   vae, params, images = tiny
   opt = optax.adam(2e-3)
