@@ -23,7 +23,6 @@ at the same step with one checkpoint, and each exits 143 (launch/README.md, "Pre
 multi-host stops"). A killed process ends the others through the coordination service's
 heartbeat timeout (--heartbeat_timeout).
 """
-import ast
 import json
 import os
 import shutil
@@ -110,28 +109,28 @@ def test_data_position_moves_to_another_host_count():
 # ------------------------------------------------------------------------------------------
 # The smallest settings of every command: a 12-sample export in shards of 8 (the last shard
 # shorter than the batch), and every evaluator on 8 eval examples or images.
-SMALL = TINY + [
-    "--config.sample.num_samples=12", "--config.sample.batch_size=8",
-    "--config.evals.generation.num_samples=8",
-    "--config.evals.reconstruction.num_examples=8", "--config.evals.likelihood.num_examples=8",
-    "--config.evals.latent_stats.num_examples=8", "--config.evals.latent_stats.max_examples=8",
-    "--config.evals.robustness.num_examples=8", "--config.evals.robustness.num_images=8",
-    "--config.evals.robustness.lpips=False",
-    "--config.evals.interpolation.num_examples=8", "--config.evals.interpolation.num_images=8",
-    "--config.evals.interpolation.num_pairs=1", "--config.evals.interpolation.num_frames=2",
-]
+SMALL_SETTINGS = {
+    "sample.num_samples": 12, "sample.batch_size": 8,
+    "evals.generation.num_samples": 8,
+    "evals.reconstruction.num_examples": 8, "evals.likelihood.num_examples": 8,
+    "evals.latent_stats.num_examples": 8, "evals.latent_stats.max_examples": 8,
+    "evals.robustness.num_examples": 8, "evals.robustness.num_images": 8,
+    "evals.robustness.lpips": False,
+    "evals.interpolation.num_examples": 8, "evals.interpolation.num_images": 8,
+    "evals.interpolation.num_pairs": 1, "evals.interpolation.num_frames": 2,
+}
+SMALL = TINY + [f"--config.{key}={value}" for key, value in SMALL_SETTINGS.items()]
 
 
 def small_config():
-  """configs/tiny.py with SMALL's overrides, as main.py would read them."""
+  """configs/tiny.py with SMALL_SETTINGS: the config main.py builds from SMALL."""
   config = tiny.get_config()
-  for arg in SMALL[len(TINY):]:
-    key, value = arg.removeprefix("--config.").split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
+  for key, value in SMALL_SETTINGS.items():
+    section, *middle, leaf = key.split(".")
+    node = config[section]
+    for name in middle:
       node = node[name]
-    node[leaf] = ast.literal_eval(value)
+    node[leaf] = value
   return config
 
 
